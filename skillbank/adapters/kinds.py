@@ -1,0 +1,245 @@
+"""The module kinds that can carry adapters, and the registry that finds them.
+
+Each kind says only what differs: factor shapes, how its base op runs with a
+given weight, and how the low-rank term joins that op's output. Merging,
+the active set and dispatch live in ``AdapterLayer``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import ConfigError, UnsupportedModule
+from .layer import AdapterLayer, Factors
+
+ADAPTER_KINDS: dict[type[nn.Module], type[AdapterLayer]] = {}
+
+
+def register_kind(base_type: type[nn.Module]):
+    """Class decorator: ``base_type`` modules (and subclasses) get this layer."""
+
+    def deco(cls: type[AdapterLayer]) -> type[AdapterLayer]:
+        ADAPTER_KINDS[base_type] = cls
+        return cls
+
+    return deco
+
+
+def kind_for(module: nn.Module) -> type[AdapterLayer] | None:
+    """The layer class for ``module``, found along its MRO (subclasses inherit support)."""
+    for cls in type(module).__mro__:
+        if cls in ADAPTER_KINDS:
+            return ADAPTER_KINDS[cls]
+    return None
+
+
+def _flat_rows(x: torch.Tensor, out: torch.Tensor):
+    return x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+
+
+class _LinearMap(AdapterLayer):
+    """Shared by kinds whose adapted op is a matrix product on the last dim."""
+
+    def lowrank_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x2, o2 = _flat_rows(x, out)
+        for name, weight in self.active:
+            a, b = self.factors_2d(name)
+            h = F.linear(self.lora_dropout[name](x2).to(a.dtype), a)
+            h = h * (weight * self.scaling[name])  # scale the r-wide tensor, not the output
+            o2 = torch.addmm(o2, h.to(o2.dtype), b.t().to(o2.dtype))
+        return o2.view(out.shape)
+
+    def mixed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # BGMV: gather each row's (A, B) from the stacks, then two batched matmuls.
+        a_stack, b_stack = self.stacks()
+        n = x.shape[0]
+        if n != self.rows.shape[0]:
+            raise ConfigError(
+                f"mixed_batch was given {self.rows.shape[0]} rows but '{self.path}' sees a "
+                f"batch of {n} on dim 0 (inputs must be batch-first)"
+            )
+        x3 = x.reshape(n, -1, x.shape[-1]).to(a_stack.dtype)
+        h = torch.bmm(x3, a_stack[self.rows].transpose(1, 2))
+        o3 = out.reshape(n, -1, out.shape[-1])
+        o3 = torch.baddbmm(o3, h.to(o3.dtype), b_stack[self.rows].transpose(1, 2).to(o3.dtype))
+        return o3.view(out.shape)
+
+
+@register_kind(nn.Linear)
+class LinearAdapter(_LinearMap):
+    @classmethod
+    def fans(cls, module: nn.Linear) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def new_factors(self, rank):
+        m = self.base
+        return torch.empty(rank, m.in_features), torch.zeros(m.out_features, rank)
+
+    def factors_2d(self, name):
+        return self.lora_A[name], self.lora_B[name]
+
+    def run(self, weight, add, x):
+        out = F.linear(x, weight, self.base.bias)
+        return out if add is None else add(x, out)
+
+
+@register_kind(nn.Conv2d)
+class Conv2dAdapter(AdapterLayer):
+    """A: a conv with the base's kernel, stride and padding into r channels; B: 1x1."""
+
+    @classmethod
+    def check(cls, module: nn.Conv2d, rank: int, path: str) -> None:
+        if module.groups != 1:
+            raise UnsupportedModule(f"'{path}' is a grouped Conv2d (groups={module.groups}); only groups=1 is supported")
+        if module.padding_mode != "zeros":
+            raise UnsupportedModule(f"'{path}' uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+        super().check(module, rank, path)
+
+    @classmethod
+    def fans(cls, module: nn.Conv2d) -> tuple[int, int]:
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw, module.out_channels
+
+    def new_factors(self, rank):
+        m = self.base
+        return torch.empty(rank, m.in_channels, *m.kernel_size), torch.zeros(m.out_channels, rank, 1, 1)
+
+    def factors_2d(self, name):
+        a, b = self.lora_A[name], self.lora_B[name]
+        return a.flatten(1), b.flatten(1)
+
+    def _down(self, x, a, groups=1):
+        m = self.base
+        return F.conv2d(x, a, None, m.stride, m.padding, m.dilation, groups)
+
+    def run(self, weight, add, x):
+        out = self.base._conv_forward(x, weight, self.base.bias)
+        return out if add is None else add(x, out)
+
+    def lowrank_add(self, x, out):
+        for name, weight in self.active:
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = self._down(self.lora_dropout[name](x).to(a.dtype), a) * (weight * self.scaling[name])
+            out = out + F.conv2d(h, b).to(out.dtype)
+        return out
+
+    def mixed_add(self, x, out):
+        # One grouped conv over the whole batch: row i is group i with its own kernels.
+        a_stack, b_stack = self.stacks()
+        n, c, hgt, wid = x.shape
+        r = a_stack.shape[1]
+        a = a_stack[self.rows].reshape(n * r, c, *self.base.kernel_size)
+        h = self._down(x.reshape(1, n * c, hgt, wid).to(a.dtype), a, groups=n)
+        b = b_stack[self.rows].reshape(n * out.shape[1], r, 1, 1)
+        return out + F.conv2d(h, b, groups=n).view(out.shape).to(out.dtype)
+
+
+@register_kind(nn.MultiheadAttention)
+class MultiheadAttentionAdapter(_LinearMap):
+    """Adapts the packed in-projection: q, k and v each get their own (A, B).
+
+    Stored as A: (3, r, E) and B: (3, E, r); as one linear map this is
+    ``cat(B_q A_q, B_k A_k, B_v A_v)``, i.e. A stacked and B block-diagonal.
+    With adapters active the attention runs here (in-projection, scaled
+    dot-product attention, then ``out_proj`` called as a module so its own
+    adapter applies); otherwise the native module runs untouched.
+    """
+
+    sites = ("[q]", "[k]", "[v]")
+
+    @classmethod
+    def check(cls, module: nn.MultiheadAttention, rank: int, path: str) -> None:
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            raise UnsupportedModule(
+                f"'{path}': nn.MultiheadAttention with kdim/vdim != embed_dim, add_bias_kv or "
+                "add_zero_attn is not supported"
+            )
+        super().check(module, rank, path)
+
+    @classmethod
+    def fans(cls, module: nn.MultiheadAttention) -> tuple[int, int]:
+        return module.embed_dim, module.embed_dim
+
+    def base_weight(self):
+        return self.base.in_proj_weight
+
+    def new_factors(self, rank):
+        e = self.base.embed_dim
+        return torch.empty(3, rank, e), torch.zeros(3, e, rank)
+
+    def factors_2d(self, name):
+        a, b = self.lora_A[name], self.lora_B[name]
+        return a.reshape(-1, a.shape[-1]), torch.block_diag(*b.unbind(0))
+
+    def get_factors(self, name) -> Factors:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return {site: (a[i], b[i]) for i, site in enumerate(self.sites)}
+
+    def set_factors(self, name, factors: Factors) -> None:
+        for i, site in enumerate(self.sites):
+            self.lora_A[name].data[i].copy_(factors[site][0])
+            self.lora_B[name].data[i].copy_(factors[site][1])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
+                attn_mask=None, average_attn_weights=True, is_causal=False):
+        if self.rows is None and (not self.active or self.merged is not None):
+            return self.base(query, key, value, key_padding_mask=key_padding_mask,
+                             need_weights=need_weights, attn_mask=attn_mask,
+                             average_attn_weights=average_attn_weights, is_causal=is_causal)
+        return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                               average_attn_weights, is_causal)
+
+    def run(self, weight, add, query, key, value, key_padding_mask=None, need_weights=True,
+            attn_mask=None, average_attn_weights=True, is_causal=False):
+        m = self.base
+        if not m.batch_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        e, heads = m.embed_dim, m.num_heads
+
+        def project(x):
+            out = F.linear(x, weight, m.in_proj_bias)
+            return out if add is None else add(x, out)
+
+        if query is key and key is value:
+            q, k, v = project(query).chunk(3, dim=-1)
+        else:
+            q = project(query)[..., :e]
+            k, v = project(key)[..., e:].chunk(2, dim=-1) if key is value else (
+                project(key)[..., e:2 * e], project(value)[..., 2 * e:])
+        n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))
+        mask = _attention_mask(attn_mask, key_padding_mask, n, heads, lq, lk, q.dtype)
+        p = m.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / (q.shape[-1] ** 0.5)
+            if mask is not None:
+                scores = scores + mask
+            elif is_causal:
+                scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            attn = scores.softmax(-1)
+            out = F.dropout(attn, p) @ v
+            weights = attn.mean(1) if average_attn_weights else attn
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                 is_causal=is_causal and mask is None)
+            weights = None
+        out = m.out_proj(out.transpose(1, 2).reshape(n, lq, e))
+        return (out if m.batch_first else out.transpose(0, 1)), weights
+
+
+def _attention_mask(attn_mask, key_padding_mask, n, heads, lq, lk, dtype):
+    """Both masks of ``nn.MultiheadAttention`` as one additive float mask (or None)."""
+
+    def additive(m):
+        return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        mask = additive(attn_mask)
+        mask = mask.view(n, heads, lq, lk) if mask.dim() == 3 else mask
+    if key_padding_mask is not None:
+        kpm = additive(key_padding_mask).view(n, 1, 1, lk)
+        mask = kpm if mask is None else mask + kpm
+    return mask
