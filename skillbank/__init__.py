@@ -1,5 +1,7 @@
 """skillbank: lifelong low-rank skills for frozen PyTorch backbones."""
 
+from storage import Hit, Ref, VerifyReport, VersionRecord
+
 from .adapters import (
     AdapterLayer,
     LoRAConfig,
@@ -14,15 +16,28 @@ from .adapters import (
     set_active,
     unmerge,
 )
+from .bank import SkillBank
+from .compose import COMPOSE, compose
+from .embed import TextEmbedder, example_embedding, features
 from .errors import *  # noqa: F403  (the error family is part of the public surface)
+from .errors import __all__ as _errors
 from .fingerprint import Fingerprint, fingerprint
 from .skill import Skill, attach
-from .errors import __all__ as _errors
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "COMPOSE",
     "AdapterLayer",
+    "Hit",
+    "Ref",
+    "SkillBank",
+    "TextEmbedder",
+    "VerifyReport",
+    "VersionRecord",
+    "compose",
+    "example_embedding",
+    "features",
     "Fingerprint",
     "LoRAConfig",
     "Skill",

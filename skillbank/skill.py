@@ -22,7 +22,7 @@ import torch.nn as nn
 from safetensors.torch import save as _save
 
 from .adapters.config import LoRAConfig
-from .adapters.inject import add_adapter, adapter_configs, adapter_layers, remove_adapter, walk
+from .adapters.inject import adapter_configs, adapter_layers, add_adapter, remove_adapter, walk
 from .adapters.kinds import MultiheadAttentionAdapter
 from .adapters.layer import AdapterLayer
 from .errors import AdapterNotFound, BaseMismatch, CorruptFile

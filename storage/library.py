@@ -1,0 +1,314 @@
+"""A skill library on disk: SQL catalog + blob store + per-space FAISS cache.
+
+The catalog is the source of truth. A blob is made durable before the row that
+references it is committed; the index is a cache stamped with the catalog
+generation it reflects and caught up (or rebuilt) before every search, so a
+removed version can never be returned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .blobs import BlobStore, sha256
+from .catalog import Catalog
+from .entities import Hit, Ref, VerifyReport, VersionRecord
+from .errors import InvalidEmbedding
+from .index import IndexParams, VectorIndex, normalize, pack_ids
+from .names import check_name
+
+EXACT_BELOW = 4096  # a filter leaving fewer vectors than this is answered exactly
+
+
+class Library:
+    """Catalog, blobs and index of one skill library; the door ``SkillBank`` uses."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        blobs: BlobStore,
+        index_dir: str | os.PathLike[str],
+        params: IndexParams | None = None,
+        save_every: int = 1000,
+    ) -> None:
+        self.catalog, self.blobs = catalog, blobs
+        self.index_dir = Path(index_dir)
+        self.params = params or IndexParams()
+        self.save_every = save_every
+        self._indexes: dict[str, tuple[VectorIndex, int, int]] = {}  # space -> (idx, gen, dirty)
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="skillbank-blob")
+        self._space_dims: dict[str, int] = {}
+
+    @classmethod
+    def open(
+        cls,
+        url_or_dir: str | os.PathLike[str],
+        blobs: str | os.PathLike[str] | None = None,
+        index_dir: str | os.PathLike[str] | None = None,
+        params: IndexParams | None = None,
+    ) -> Library:
+        """A directory means ``<dir>/catalog.db``, ``<dir>/blobs/``, ``<dir>/index/``.
+
+        A URL (``postgresql+psycopg://...``) needs ``blobs``; the index cache then
+        defaults to ``<blobs>/../index``.
+        """
+        text = os.fspath(url_or_dir)
+        if "://" in text:
+            if blobs is None:
+                raise ValueError(f"a catalog URL ({text}) needs blobs= (a shared directory)")
+            home = Path(blobs).parent
+        else:
+            home = Path(text)
+            home.mkdir(parents=True, exist_ok=True)
+        catalog = Catalog.open(text)
+        return cls(
+            catalog,
+            BlobStore(blobs if blobs is not None else home / "blobs"),
+            index_dir if index_dir is not None else home / "index",
+            params,
+        )
+
+    def close(self) -> None:
+        """Persist index changes not yet on disk and release the database."""
+        self.flush()
+        self._pool.shutdown(wait=True)
+        self.catalog.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- writing ------------------------------------------------------------
+
+    def add_version(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        ranks: Mapping[str, int] | None = None,
+        targets: Iterable[str] | None = None,
+        base: Mapping[str, Any] | None = None,
+        learner: str = "",
+        config: Mapping[str, Any] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        parents: Iterable[str | Ref] = (),
+        embeddings: Mapping[str, Any] | None = None,
+        allow_base_change: bool = False,
+    ) -> Ref:
+        """Store the blob durably, then commit the next version of ``name``."""
+        check_name(name)
+        vecs = {}
+        for space, value in (embeddings or {}).items():
+            check_name(space)
+            vecs[space] = normalize(value, self._dim(space))
+        data = bytes(data)
+        # The blob's fsyncs overlap the SQL work; the commit waits for them.
+        pending = self._pool.submit(self.blobs.put, data)
+        try:
+            ref, _ = self.catalog.add_version(
+                name,
+                sha256(data),
+                len(data),
+                ranks=ranks,
+                targets=targets,
+                base=base,
+                learner=learner,
+                config=config,
+                metrics=metrics,
+                description=description,
+                tags=tags,
+                parents=parents,
+                embeddings=vecs,
+                allow_base_change=allow_base_change,
+                before_commit=pending.result,
+            )
+        finally:
+            wait([pending])  # never leave a write running behind an error
+        return ref
+
+    def _dim(self, space: str) -> int | None:
+        """Space dimensions never change once set, so a cached copy only grows."""
+        if space not in self._space_dims:
+            self._space_dims = self.catalog.space_dims()
+        return self._space_dims.get(space)
+
+    def remove(self, ref: str | Ref) -> list[Ref]:
+        """Remove versions; their vectors leave the index before the next search."""
+        return self.catalog.remove(ref)
+
+    def alias(self, ref: str | Ref, alias: str) -> Ref:
+        return self.catalog.alias(ref, alias)
+
+    def unalias(self, name: str, alias: str) -> Ref:
+        return self.catalog.unalias(name, alias)
+
+    def tag(self, ref: str | Ref, key: str, value: str) -> None:
+        self.catalog.tag(ref, key, value)
+
+    def untag(self, ref: str | Ref, key: str) -> None:
+        self.catalog.untag(ref, key)
+
+    # --- reading ------------------------------------------------------------
+
+    def get(self, ref: str | Ref) -> VersionRecord:
+        return self.catalog.get(ref)
+
+    def read(self, ref: str | Ref) -> bytes:
+        """The blob of ``ref``, checked against its digest."""
+        return self.blobs.get(self.catalog.get(ref).digest)
+
+    def list(self, name: str | None = None, **filters: Any) -> list[VersionRecord]:
+        """See ``Catalog.list``."""
+        return self.catalog.list(name, **filters)
+
+    def versions(self, name: str) -> list[VersionRecord]:
+        return self.catalog.versions(name)
+
+    def lineage(self, ref: str | Ref) -> list[Ref]:
+        return self.catalog.lineage(ref)
+
+    # --- maintenance --------------------------------------------------------
+
+    def gc(self, dry_run: bool = False, min_age: float = 60.0) -> list[str]:
+        """Delete blobs no version references (older than ``min_age`` seconds)."""
+        return self.blobs.gc(self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age)
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every referenced blob and compare each index with the catalog."""
+        owners = self.catalog.digest_owners()
+        missing, corrupt = [], []
+        for digest in sorted(owners):
+            problem = self.blobs.check(digest)
+            if problem == "missing":
+                missing.append(digest)
+            elif problem == "corrupt":
+                corrupt.append(digest)
+        orphans = sorted(set(self.blobs.digests()) - set(owners))
+        extra, absent = [], []
+        for space in sorted(self.catalog.space_dims()):
+            idx = self._fresh(space)
+            vids, _, _ = self.catalog.vectors(space)
+            rows = set(vids.tolist())
+            live = idx.live_versions()
+            names = self.catalog.refs(rows - live)
+            extra += [f"{space}:version-row-{v}" for v in sorted(live - rows)]
+            absent += [f"{space}:{names.get(v, v)}" for v in sorted(rows - live)]
+        return VerifyReport(
+            tuple(missing), tuple(corrupt), tuple(orphans), tuple(extra), tuple(absent)
+        )
+
+    # --- the index ----------------------------------------------------------
+
+    def _fresh(self, space: str) -> VectorIndex:
+        """The index of ``space`` reflecting the catalog now: load, catch up or rebuild."""
+        with self._lock:
+            entry = self._indexes.get(space)
+            if entry is None:
+                uid, _ = self.catalog.state()
+                loaded = VectorIndex.load(self.index_dir, space, self.params)
+                if loaded is not None and loaded[1].get("uid") == uid:
+                    entry = (loaded[0], int(loaded[1].get("generation", -1)), 0)
+            if entry is not None:
+                entry = self._catch_up(space, *entry)
+            if entry is None:
+                entry = self._rebuild(space)
+            self._indexes[space] = entry
+            if entry[2] >= self.save_every:
+                self._save(space)
+            return self._indexes[space][0]
+
+    def _catch_up(self, space, idx, gen, dirty):
+        now, log, (vids, rows, vecs) = self.catalog.changes(space, gen)
+        if now < gen:  # catalog restored from an older backup: the cache is from the future
+            return None
+        if not log:
+            return idx, now, dirty
+        idx.remove_versions(sorted({vid for op, vid in log if op == "remove"}))
+        if len(vids):
+            idx.add(pack_ids(vids, rows), vecs)
+        if idx.kind != self.params.kind_for(idx.ntotal) or idx.wasted() > 0.2:
+            return None  # crossed the size threshold or too many tombstones
+        return idx, now, dirty + len(log)
+
+    def _rebuild(self, space: str) -> tuple[VectorIndex, int, int]:
+        uid, gen = self.catalog.state()
+        vids, rows, vecs = self.catalog.vectors(space)
+        dim = self.catalog.space_dims().get(space, vecs.shape[1] if len(vecs) else 1)
+        idx = VectorIndex.build(dim, pack_ids(vids, rows), vecs, self.params)
+        self._indexes[space] = (idx, gen, 0)
+        self._save(space, force=True)
+        return self._indexes[space]
+
+    def _save(self, space: str, force: bool = False) -> None:
+        idx, gen, dirty = self._indexes[space]
+        if dirty or force:
+            uid, _ = self.catalog.state()
+            idx.save(self.index_dir, space, {"uid": uid, "generation": gen})
+            self._indexes[space] = (idx, gen, 0)
+
+    def flush(self) -> None:
+        """Write every index that changed since it was last saved."""
+        with self._lock:
+            for space in list(self._indexes):
+                self._save(space)
+
+    def retrieve(
+        self,
+        vectors: Any,
+        k: int = 5,
+        space: str = "examples",
+        where: Mapping[str, Any] | None = None,
+    ) -> list[Hit] | list[list[Hit]]:
+        """Nearest live versions by cosine, best first; a (n, d) batch gives n lists.
+
+        ``where`` filters like ``list``: name, learner, base_id, text, tags, and any
+        other key is read as a tag.
+        """
+        dim = self._dim(space)
+        if dim is None:
+            spaces = sorted(self._space_dims)
+            raise InvalidEmbedding(f"no embeddings in space {space!r}; spaces: {spaces}")
+        single = np.asarray(vectors).ndim == 1
+        q = normalize(vectors, dim)
+        allowed = self.catalog.version_ids(where) if where else None
+        if allowed is not None and len(allowed) * 4 <= EXACT_BELOW:
+            found = self._exact(space, q, k, allowed)
+        else:
+            with self._lock:  # a concurrent catch-up must not add while FAISS searches
+                found = self._fresh(space).search(q, k, allowed)
+        refs = self.catalog.refs({vid for hits in found for vid, _ in hits})
+        out = [
+            [Hit(refs[v].name, refs[v].version, s) for v, s in hits if v in refs][:k]
+            for hits in found
+        ]
+        return out[0] if single else out
+
+    def _exact(self, space, q, k, allowed) -> list[list[tuple[int, float]]]:
+        """Brute force over the few vectors a narrow filter leaves (straight from SQL)."""
+        vids, _, vecs = self.catalog.vectors(space, allowed)
+        if not len(vids):
+            return [[] for _ in q]
+        scores = q @ vecs.T
+        out = []
+        for row in scores:
+            best: dict[int, float] = {}
+            for j in np.argsort(-row, kind="stable"):
+                v = int(vids[j])
+                if v not in best:
+                    best[v] = float(row[j])
+                    if len(best) == k:
+                        break
+            out.append(list(best.items()))
+        return out

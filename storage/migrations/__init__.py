@@ -1,0 +1,1 @@
+"""Alembic environment shipped inside the package; applied by ``storage.session``."""
