@@ -83,6 +83,7 @@ class SkillBank:
                 if embed_text:
                     raise
         parents = [parent] if isinstance(parent, str) else list(parent or skill.metadata.get("parents", []))
+        parents = list(dict.fromkeys(str(self.library.get(p).ref) for p in parents))  # resolve aliases once
         return self.library.add_version(
             name, skill.to_bytes(), ranks=skill.ranks, targets=skill.targets, base=_base(skill),
             learner=learner or skill.metadata.get("learner", ""), config=skill.config,

@@ -127,6 +127,7 @@ def compose(skills: Sequence[Skill], weights: Sequence[float] | None = None, met
         factors[site], scales[site] = (a.to(dtype).contiguous(), b.to(dtype).contiguous()), 1.0
     first = skills[0]
     config = dict(first.config, rank=max(a.shape[0] for a, _ in factors.values()), alpha=1.0, head=None)
-    parents = [s.metadata.get("ref", s.name) for s in skills]
-    return Skill(name or f"{method}(" + ",".join(s.name for s in skills) + ")", factors, scales, config,
+    parents = list(dict.fromkeys(s.metadata.get("ref", s.name) for s in skills))
+    name = name or f"{method}-" + "+".join(s.name for s in skills)
+    return Skill(name[:200], factors, scales, config,
                  Fingerprint(modules), {}, {}, {"parents": parents, "method": method, "weights": weights})
