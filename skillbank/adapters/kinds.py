@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ConfigError, UnsupportedModule
+from .functional import lora_linear
 from .layer import AdapterLayer, Factors
 
 ADAPTER_KINDS: dict[type[nn.Module], type[AdapterLayer]] = {}
@@ -36,11 +37,29 @@ def kind_for(module: nn.Module) -> type[AdapterLayer] | None:
 
 
 def _flat_rows(x: torch.Tensor, out: torch.Tensor):
-    return x.reshape(-1, x.shape[-1]), out.reshape(-1, out.shape[-1])
+    return x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
 
 
 class _LinearMap(AdapterLayer):
     """Shared by kinds whose adapted op is a matrix product on the last dim."""
+
+    def project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add) -> torch.Tensor:
+        """``x W^T + b`` plus ``add``'s low-rank term; the active set runs fused when it can."""
+        if add == self.lowrank_add and self._fusable(x, weight):
+            pairs = [(self.factors_2d(n), w * self.scaling[n]) for n, w in self.active]
+            a = torch.cat([a for (a, _), _ in pairs]) if len(pairs) > 1 else pairs[0][0][0]
+            b = torch.cat([b for (_, b), _ in pairs], dim=1) if len(pairs) > 1 else pairs[0][0][1]
+            s = torch.cat([a.new_full((a_.shape[0],), c) for (a_, _), c in pairs])
+            return lora_linear(x, weight, bias, a, b, s)
+        out = F.linear(x, weight, bias)
+        return out if add is None else add(x, out)
+
+    def _fusable(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
+        # Dropout masks and autocast casts belong to the generic path.
+        if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
+            return False
+        return all(isinstance(self.lora_dropout[n], nn.Identity) and self.lora_A[n].dtype == x.dtype
+                   for n, _ in self.active)
 
     def lowrank_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x2, o2 = _flat_rows(x, out)
@@ -48,23 +67,25 @@ class _LinearMap(AdapterLayer):
             a, b = self.factors_2d(name)
             h = F.linear(self.lora_dropout[name](x2).to(a.dtype), a)
             h = h * (weight * self.scaling[name])  # scale the r-wide tensor, not the output
-            o2 = torch.addmm(o2, h.to(o2.dtype), b.t().to(o2.dtype))
-        return o2.view(out.shape)
+            # in place: the base op's fresh output is not needed by its backward,
+            # and accumulating into it saves copying a rows x d_out tensor
+            o2.addmm_(h.to(o2.dtype), b.t().to(o2.dtype))
+        return out
 
     def mixed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # BGMV: gather each row's (A, B) from the stacks, then two batched matmuls.
-        a_stack, b_stack = self.stacks()
+        a_t, b_t = self.stacks(transposed=True)  # (K+1, in, r), (K+1, r, out): no copies in bmm
         n = x.shape[0]
         if n != self.rows.shape[0]:
             raise ConfigError(
                 f"mixed_batch was given {self.rows.shape[0]} rows but '{self.path}' sees a "
                 f"batch of {n} on dim 0 (inputs must be batch-first)"
             )
-        x3 = x.reshape(n, -1, x.shape[-1]).to(a_stack.dtype)
-        h = torch.bmm(x3, a_stack[self.rows].transpose(1, 2))
-        o3 = out.reshape(n, -1, out.shape[-1])
-        o3 = torch.baddbmm(o3, h.to(o3.dtype), b_stack[self.rows].transpose(1, 2).to(o3.dtype))
-        return o3.view(out.shape)
+        x3 = x.reshape(n, -1, x.shape[-1]).to(a_t.dtype)
+        h = torch.bmm(x3, a_t[self.rows])
+        o3 = out.view(n, -1, out.shape[-1])
+        o3.baddbmm_(h.to(o3.dtype), b_t[self.rows].to(o3.dtype))
+        return out
 
 
 @register_kind(nn.Linear)
@@ -81,8 +102,7 @@ class LinearAdapter(_LinearMap):
         return self.lora_A[name], self.lora_B[name]
 
     def run(self, weight, add, x):
-        out = F.linear(x, weight, self.base.bias)
-        return out if add is None else add(x, out)
+        return self.project(x, weight, self.base.bias, add)
 
 
 @register_kind(nn.Conv2d)
@@ -122,7 +142,7 @@ class Conv2dAdapter(AdapterLayer):
         for name, weight in self.active:
             a, b = self.lora_A[name], self.lora_B[name]
             h = self._down(self.lora_dropout[name](x).to(a.dtype), a) * (weight * self.scaling[name])
-            out = out + F.conv2d(h, b).to(out.dtype)
+            out.add_(F.conv2d(h, b).to(out.dtype))  # in place, as for linear maps
         return out
 
     def mixed_add(self, x, out):
@@ -133,7 +153,7 @@ class Conv2dAdapter(AdapterLayer):
         a = a_stack[self.rows].reshape(n * r, c, *self.base.kernel_size)
         h = self._down(x.reshape(1, n * c, hgt, wid).to(a.dtype), a, groups=n)
         b = b_stack[self.rows].reshape(n * out.shape[1], r, 1, 1)
-        return out + F.conv2d(h, b, groups=n).view(out.shape).to(out.dtype)
+        return out.add_(F.conv2d(h, b, groups=n).view(out.shape).to(out.dtype))
 
 
 @register_kind(nn.MultiheadAttention)
@@ -199,8 +219,7 @@ class MultiheadAttentionAdapter(_LinearMap):
         e, heads = m.embed_dim, m.num_heads
 
         def project(x):
-            out = F.linear(x, weight, m.in_proj_bias)
-            return out if add is None else add(x, out)
+            return self.project(x, weight, m.in_proj_bias, add)
 
         if query is key and key is value:
             q, k, v = project(query).chunk(3, dim=-1)

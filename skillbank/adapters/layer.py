@@ -198,15 +198,16 @@ class AdapterLayer(nn.Module):
             p.requires_grad for n, _ in self.active for p in self.adapter_parameters(n)
         )
 
-    def stacks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors of ``row_names`` stacked, slot 0 all zeros, scale folded into B.
+    def stacks(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of ``row_names`` stacked, slot 0 all zeros, scale folded into B:
+        A (K+1, r, fan_in) and B (K+1, fan_out, r), or both transposed (contiguous).
 
         Ranks are zero-padded to the largest, so one gather serves every row.
         Cached while no factor changes and gradients are off.
         """
         names = self.row_names
         params = [p for n in names for p in self.adapter_parameters(n)]
-        key = (names, tuple((p._version, p.data_ptr()) for p in params))
+        key = (names, transposed, tuple((p._version, p.data_ptr()) for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], self._stack_cache[2]
         pairs = [(a, b * self.scaling[n]) for n, (a, b) in zip(names, map(self.factors_2d, names), strict=True)]
@@ -214,6 +215,8 @@ class AdapterLayer(nn.Module):
         r = max([a.shape[0] for a, _ in pairs], default=1)
         a_stack = torch.stack([a0.new_zeros(r, a0.shape[1])] + [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
         b_stack = torch.stack([b0.new_zeros(b0.shape[0], r)] + [F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
+        if transposed:
+            a_stack, b_stack = a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous()
         if not torch.is_grad_enabled():
             self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack
