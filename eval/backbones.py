@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eval.data import Task
+from learners.base import TrainConfig, resolve_device, train
+from skillbank.embed import features  # noqa: F401  (re-exported: pooled pre-logits)
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.14 M parameters. Mean-pooled tokens (no class token) and, by default, a
@@ -42,23 +44,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 CACHE_ENV = "SKILLBANK_CACHE"
 DEFAULT_CACHE = "~/.cache/skillbank"
-_CACHE_VERSION = 1  # bump when the training recipe changes, to invalidate old cache entries
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """ "auto" -> CUDA when available, else CPU; "cpu"/"cuda[:i]" as given (CUDA must exist)."""
-    if isinstance(device, torch.device):
-        dev = device
-    elif device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} requested but CUDA is not available")
-    return dev
-
-
-# --------------------------------------------------------------------------- building
+_CACHE_VERSION = 2  # bump when the training recipe changes, to invalidate old cache entries
 
 
 class OpenCLIPClassifier(nn.Module):
@@ -176,29 +162,6 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
-# --------------------------------------------------------------------------- features
-
-
-def features(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
-    """Pooled pre-logit features (timm's ``forward_head(forward_features(x), pre_logits=True)``).
-
-    Runs without gradients, in chunks, on the model's device; leaves the
-    model's train/eval mode alone (call ``model.eval()`` first for embeddings).
-    """
-    if not (hasattr(model, "forward_features") and hasattr(model, "forward_head")):
-        raise TypeError(
-            f"{type(model).__name__} has no forward_features/forward_head; build it with "
-            "create_backbone or give it timm's feature interface"
-        )
-    dev = next(model.parameters()).device
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(dev)
-            outs.append(model.forward_head(model.forward_features(xb), pre_logits=True))
-    return torch.cat(outs) if outs else torch.empty(0)
-
-
 # --------------------------------------------------------------------------- pretraining
 
 
@@ -274,7 +237,13 @@ def pretrain(
     else:
         model.to(dev)
         t0 = time.perf_counter()
-        _train(model, source_task, dev, **recipe)
+        gen = torch.Generator().manual_seed(seed)
+        steps = math.ceil(len(source_task.x_train) / batch_size)
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, b_ratio=1.0,
+                          warmup_steps=max(1, min(steps, epochs * steps // 10)), grad_clip=None, seed=seed,
+                          device=str(dev), progress=False)
+        train(model, source_task.x_train, source_task.y_train, cfg,
+              transform=(lambda xb: _shift(xb, gen)) if augment else None, desc=f"pretrain {name}")
         seconds = time.perf_counter() - t0
         test_acc = _evaluate(model, source_task, dev)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -311,50 +280,6 @@ def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.T
     cols = (dx.view(n, 1, 1) + torch.arange(w).view(1, 1, w)).to(x.device)
     idx = (rows * (w + 2 * max_shift) + cols).view(n, 1, h * w).expand(n, x.shape[1], h * w)
     return pad.flatten(2).gather(2, idx).view_as(x)
-
-
-def _train(
-    model: nn.Module,
-    task: Task,
-    device: torch.device,
-    *,
-    epochs: int,
-    seed: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    augment: bool,
-    version: int,
-) -> None:
-    """Plain supervised training: AdamW, linear warm-up then cosine decay, cross-entropy."""
-    gen = torch.Generator().manual_seed(seed)
-    x, y = task.x_train, task.y_train
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    total = max(1, epochs * steps_per_epoch)
-    warmup = max(1, min(steps_per_epoch, total // 10))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            (s + 1) / warmup
-            if s < warmup
-            else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-        ),
-    )
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), batch_size):
-            idx = order[i : i + batch_size]
-            xb = _shift(x[idx], gen) if augment else x[idx]
-            loss = F.cross_entropy(model(xb.to(device)), y[idx].to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretraining loss became {loss.item()}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
 
 
 def _evaluate(model: nn.Module, task: Task, device: torch.device, batch_size: int = 512) -> float:

@@ -1,1 +1,60 @@
-"""stub"""
+"""Learners: algorithms that turn a task's data into a skill.
+
+Every learner has ``fit(model, task, bank=None) -> Skill``. ``create_learner``
+builds one by its registered name (the runner and the CLI use it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import (
+    DEFAULT_TARGETS,
+    Learner,
+    LoRALearner,
+    TrainConfig,
+    TrainingError,
+    resolve_device,
+    train,
+)
+
+REGISTRY: dict[str, type[Learner]] = {}
+
+
+def register(cls: type[Learner]) -> type[Learner]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+for _cls in (LoRALearner,):
+    register(_cls)
+
+
+def list_learners() -> list[str]:
+    return sorted(REGISTRY)
+
+
+def create_learner(name: str, train: TrainConfig | dict | None = None, **kwargs: Any) -> Learner:
+    """A learner by registered name; ``train`` may be a TrainConfig or its fields as a dict."""
+    from skillbank import ConfigError
+
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown learner {name!r}; choose from {list_learners()}")
+    if isinstance(train, dict):
+        train = TrainConfig(**train)
+    return REGISTRY[name](**kwargs, **({"train": train} if train is not None else {}))
+
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "REGISTRY",
+    "Learner",
+    "LoRALearner",
+    "TrainConfig",
+    "TrainingError",
+    "create_learner",
+    "list_learners",
+    "register",
+    "resolve_device",
+    "train",
+]

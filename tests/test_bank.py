@@ -21,12 +21,21 @@ def make_skill(vit, name, seed, rank=4):
 
 
 @pytest.fixture
-def bank(tmp_path):
+def embedded(tmp_path):
+    """The default embedded bank: ``skills/catalog.db`` + ``blobs/`` + ``index/``."""
     with sb.SkillBank.open(tmp_path / "skills") as b:
         yield b
 
 
-def test_embedded_layout_and_roundtrip(vit, bank, tmp_path, x28):
+@pytest.fixture
+def bank(catalog_url, tmp_path):
+    """A bank on each catalog backend (SQLite and PostgreSQL, see conftest)."""
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as b:
+        yield b
+
+
+def test_embedded_layout_and_roundtrip(vit, embedded, tmp_path, x28):
+    bank = embedded
     model, skill = make_skill(vit, "digits", 0)
     ref = bank.add("digits", skill, embedding=np.ones(8), metrics={"acc": 0.9}, tags={"stage": "dev"})
     assert (ref.name, ref.version) == ("digits", 1)
@@ -94,7 +103,8 @@ def test_retrieve_by_vector_examples_and_text(vit, bank):
     assert bank.retrieve("something noisy", k=1)[0].name == "noisy"
 
 
-def test_text_retrieval_with_offline_minilm(vit, bank):
+def test_text_retrieval_with_offline_minilm(vit, embedded):
+    bank = embedded
     descriptions = {"rot": "handwritten digits rotated by ninety degrees",
                     "noise": "images corrupted with heavy gaussian noise",
                     "perm": "pixels shuffled by a fixed random permutation"}

@@ -76,8 +76,12 @@ def test_features_match_forward_head():
     assert f.shape == (5, 32) and not f.requires_grad
     with torch.no_grad():
         assert torch.allclose(f, m.forward_head(m.forward_features(x), pre_logits=True), atol=1e-6)
-    with pytest.raises(TypeError):
-        features(torch.nn.Linear(3, 3), torch.rand(2, 3))
+    # any other module: the input of a named head, else the output
+    mlp = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x3 = torch.rand(2, 3)
+    with torch.no_grad():
+        assert torch.allclose(features(mlp, x3, head="2"), mlp[1](mlp[0](x3)))
+        assert torch.allclose(features(mlp, x3), mlp(x3))
 
 
 def test_resolve_device():
@@ -112,7 +116,7 @@ def test_pretrain_caches_and_reloads(tmp_path, source, monkeypatch):
     def no_training(*a, **k):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(backbones, "_train", no_training)
+    monkeypatch.setattr(backbones, "train", no_training)
     second = pretrain("vit_nano", source, **kw)
     assert second.pretrain_info["cached"]
     assert second.pretrain_info["test_acc"] == pytest.approx(first.pretrain_info["test_acc"])

@@ -30,8 +30,9 @@ BASE = {"arch": "vit_tiny", "shapes": {"qkv": [192, 576]}}
 
 
 @pytest.fixture
-def lib(tmp_path):
-    library = Library.open(tmp_path / "bank")
+def lib(catalog_url, tmp_path):
+    """A library on each backend (SQLite and PostgreSQL, see conftest)."""
+    library = Library.open(catalog_url, blobs=tmp_path / "blobs")
     yield library
     library.close()
 
@@ -186,9 +187,10 @@ def test_gc_removes_only_orphans(lib):
     assert lib.gc(min_age=0) == []
 
 
-def test_migrations_match_models_and_downgrade(tmp_path):
-    engine = make_engine(tmp_path)
-    Library.open(tmp_path).close()
+def test_migrations_match_models_and_downgrade(catalog_url, tmp_path):
+    blobs = tmp_path / "blobs"
+    Library.open(catalog_url, blobs=blobs).close()
+    engine = make_engine(catalog_url)
     assert schema_revision(engine) == head_revision() == "0001"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
@@ -197,18 +199,20 @@ def test_migrations_match_models_and_downgrade(tmp_path):
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "base")
     assert set(sa.inspect(engine).get_table_names()) == {"alembic_version"}
-    lib = Library.open(tmp_path)  # upgrades again
+    engine.dispose()
+    lib = Library.open(catalog_url, blobs=blobs)  # upgrades again
     assert str(add(lib, "again")) == "again@1"
     lib.close()
 
 
-def test_newer_schema_is_refused(tmp_path):
-    Library.open(tmp_path).close()
-    engine = make_engine(tmp_path)
+def test_newer_schema_is_refused(catalog_url, tmp_path):
+    Library.open(catalog_url, blobs=tmp_path / "blobs").close()
+    engine = make_engine(catalog_url)
     with engine.begin() as conn:
         conn.exec_driver_sql("update alembic_version set version_num = '9999_future'")
+    engine.dispose()
     with pytest.raises(SchemaError, match="9999_future is newer than this skillbank"):
-        Library.open(tmp_path)
+        Library.open(catalog_url, blobs=tmp_path / "blobs")
 
 
 @pytest.mark.parametrize(
@@ -253,23 +257,24 @@ def test_sql_looking_strings_stored_literally(lib):
     assert counts(lib)["versions"] == 2
 
 
-def _writer(path: str, worker: int, n: int) -> None:
-    lib = Library.open(path)
+def _writer(url: str, blobs: str, worker: int, n: int) -> None:
+    lib = Library.open(url, blobs=blobs)
     for i in range(n):
         add(lib, "shared", seed=worker * 1000 + i)
     lib.close()
 
 
-def test_concurrent_writers_number_without_gaps(tmp_path):
-    Library.open(tmp_path).close()
+def test_concurrent_writers_number_without_gaps(catalog_url, tmp_path):
+    blobs = str(tmp_path / "blobs")
+    Library.open(catalog_url, blobs=blobs).close()
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), w, 10)) for w in range(4)]
+    procs = [ctx.Process(target=_writer, args=(catalog_url, blobs, w, 10)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
     assert [p.exitcode for p in procs] == [0, 0, 0, 0]
-    lib = Library.open(tmp_path)
+    lib = Library.open(catalog_url, blobs=blobs)
     assert [r.version for r in lib.versions("shared")] == list(range(1, 41))
     assert len({r.digest for r in lib.versions("shared")}) == 40
     assert lib.verify().ok

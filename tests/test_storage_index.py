@@ -101,6 +101,15 @@ def test_single_query_runs_on_one_thread(monkeypatch):
     assert calls == []
 
 
+def opener(catalog_url, tmp_path):
+    """``Library.open`` for this test's catalog (either backend), index under tmp_path/index."""
+
+    def open_(**kw):
+        return Library.open(catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index", **kw)
+
+    return open_
+
+
 def fill(lib, n, seed=0, name="s"):
     vecs = data(n, seed=seed)
     for i, v in enumerate(vecs):
@@ -108,8 +117,9 @@ def fill(lib, n, seed=0, name="s"):
     return vecs
 
 
-def test_library_index_rebuilds_when_stale(tmp_path):
-    lib = Library.open(tmp_path)
+def test_library_index_rebuilds_when_stale(catalog_url, tmp_path):
+    open_ = opener(catalog_url, tmp_path)
+    lib = open_()
     vecs = fill(lib, 30)
     first = lib.retrieve(vecs[5], k=3)
     assert first[0].name == "s5" and first[0].score == pytest.approx(1.0, abs=1e-5)
@@ -128,7 +138,7 @@ def test_library_index_rebuilds_when_stale(tmp_path):
             stamp.write_text(json.dumps({**meta, "uid": "someone-else"}))
         else:
             index_file.write_bytes(b"not a faiss index")
-        lib = Library.open(tmp_path)
+        lib = open_()
         assert lib.retrieve(vecs[5], k=3) == first, damage
         lib.close()
         uid, generation = lib.catalog.state()
@@ -137,8 +147,9 @@ def test_library_index_rebuilds_when_stale(tmp_path):
         assert VectorIndex.load(tmp_path / "index", "examples") is not None, damage
 
 
-def test_index_catches_up_with_other_writers(tmp_path):
-    a, b = Library.open(tmp_path), Library.open(tmp_path)
+def test_index_catches_up_with_other_writers(catalog_url, tmp_path):
+    open_ = opener(catalog_url, tmp_path)
+    a, b = open_(), open_()
     vecs = fill(a, 20)
     assert a.retrieve(vecs[3], k=1)[0].name == "s3"
     new = fill(b, 5, seed=9, name="late")
@@ -147,27 +158,29 @@ def test_index_catches_up_with_other_writers(tmp_path):
     assert "s3" not in {h.name for h in a.retrieve(vecs[3], k=25)}
     a.close()
     b.close()
-    c = Library.open(tmp_path)
+    c = open_()
     assert "s3" not in {h.name for h in c.retrieve(vecs[3], k=25)}
     assert c.verify().ok
     c.close()
 
 
-def test_old_persisted_index_does_not_resurrect_removed(tmp_path):
-    lib = Library.open(tmp_path)
+def test_old_persisted_index_does_not_resurrect_removed(catalog_url, tmp_path):
+    open_ = opener(catalog_url, tmp_path)
+    lib = open_()
     vecs = fill(lib, 10)
     lib.retrieve(vecs[0], k=1)
     lib.close()  # index saved with all ten
-    other = Library.open(tmp_path)
+    other = open_()
     other.remove("s0")
     other.catalog.close()  # no index work in this process
-    lib = Library.open(tmp_path)
+    lib = open_()
     assert "s0" not in {h.name for h in lib.retrieve(vecs[0], k=10)}
     lib.close()
 
 
-def test_switches_to_hnsw_above_threshold_and_filters(tmp_path, monkeypatch):
-    lib = Library.open(tmp_path, params=IndexParams(threshold=40))
+def test_switches_to_hnsw_above_threshold_and_filters(catalog_url, tmp_path, monkeypatch):
+    open_ = opener(catalog_url, tmp_path)
+    lib = open_(params=IndexParams(threshold=40))
     vecs = fill(lib, 30)
     lib.retrieve(vecs[0], k=1)
     assert lib._fresh("examples").kind == FLAT

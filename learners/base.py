@@ -1,0 +1,250 @@
+"""The one training loop every learner shares, and the `Learner` it serves.
+
+Learners differ in how they parameterise the adapter, what they add to the
+loss and what they do after each step; those are hooks (``prepare``,
+``penalty``, ``after_step``, ``finish``). Everything else (device, bf16
+autocast on CUDA, pinned memory, seeds, LoRA+ groups, schedule, clipping, the
+NaN guard, progress) lives here once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+import skillbank as sb
+from skillbank import SkillbankError
+
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+class TrainingError(SkillbankError, RuntimeError):
+    """Training stopped (e.g. a NaN loss); no skill was produced."""
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' was asked for but CUDA is not available")
+    return dev
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs of the shared loop; ``steps`` (when set) overrides ``epochs``."""
+
+    epochs: int = 5
+    steps: int | None = None
+    batch_size: int = 64
+    lr: float = 3e-3
+    b_ratio: float = 16.0  # LoRA+: B at lr * b_ratio (1.0 turns it off)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast, on CUDA only
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant"):
+            raise sb.ConfigError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}")
+        if self.epochs <= 0 or (self.steps is not None and self.steps <= 0) or self.batch_size <= 0:
+            raise sb.ConfigError("epochs, steps and batch_size must be positive")
+        if not (self.lr > 0 and self.b_ratio > 0):
+            raise sb.ConfigError("lr and b_ratio must be positive")
+
+
+def freeze_norm_statistics(model: nn.Module) -> None:
+    """Batch norms whose parameters are frozen keep their running statistics:
+    a frozen base must not drift while adapters train."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+            m.eval()
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
+    """Endless shuffled batches; pinned and copied without blocking on CUDA."""
+    pin = device.type == "cuda"
+    while True:
+        order = torch.randperm(len(x), generator=generator)
+        for i in range(0, len(x), batch_size):
+            idx = order[i:i + batch_size]
+            xb, yb = x[idx], y[idx]
+            if pin:
+                xb, yb = xb.pin_memory(), yb.pin_memory()
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+
+
+def class_mask(classes, n_classes: int, device) -> torch.Tensor:
+    """Additive logit mask: 0 on ``classes``, -inf elsewhere."""
+    mask = torch.full((n_classes,), float("-inf"), device=device)
+    mask[list(classes)] = 0.0
+    return mask
+
+
+def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, classes=None,
+          penalty=None, after_step=None, transform=None, desc: str = "train") -> list[float]:
+    """Train the parameters of ``model`` that require grad; returns the loss per step.
+
+    ``classes`` restricts the cross-entropy to those logits (a task's own head);
+    ``transform(x) -> x`` augments each batch;
+    ``penalty(model) -> tensor`` is added to the loss; ``after_step(model, step,
+    total)`` runs after every optimizer step. A non-finite loss raises
+    ``TrainingError`` before the step is taken.
+    """
+    device = resolve_device(cfg.device)
+    model.to(device)
+    # Seeded for reproducibility, inside a fork so the caller's RNG is left alone.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        return _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc)
+
+
+def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc) -> list[float]:
+    gen = torch.Generator().manual_seed(cfg.seed)
+    groups = sb.param_groups(model, cfg.lr, b_ratio=cfg.b_ratio, weight_decay=cfg.weight_decay)
+    if not groups:
+        raise TrainingError("nothing to train: no parameter of the model requires grad")
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.steps or cfg.epochs * math.ceil(len(x) / cfg.batch_size)
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    mask = class_mask(classes, _n_outputs(model, x[:1].to(device)), device) if classes is not None else None
+    autocast = device.type == "cuda" and cfg.amp
+    model.train()
+    freeze_norm_statistics(model)
+    losses: list[float] = []
+    data = batches(x, y, cfg.batch_size, gen, device)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
+                  disable=not cfg.progress, transient=True) as bar:
+        job = bar.add_task(desc, total=total, loss=float("nan"))
+        for step in range(total):
+            xb, yb = next(data)
+            if transform is not None:
+                xb = transform(xb)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = model(xb)
+                if mask is not None:
+                    logits = logits + mask
+                loss = F.cross_entropy(logits.float(), yb)
+                if penalty is not None:
+                    loss = loss + penalty(model)
+            if not torch.isfinite(loss):
+                raise TrainingError(f"{desc}: loss became {loss.item()} at step {step}; no skill was written")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if after_step is not None:
+                after_step(model, step, total)
+            losses.append(loss.item())
+            bar.update(job, advance=1, loss=losses[-1])
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def _n_outputs(model: nn.Module, x: torch.Tensor) -> int:
+    was = model.training
+    model.eval()
+    n = model(x).shape[-1]
+    model.train(was)
+    return n
+
+
+@dataclass
+class Learner:
+    """Turns a task into a skill: ``fit(model, task, bank=None) -> Skill``.
+
+    ``fit`` adds one adapter (named after the task) to ``model``, trains it and
+    the head, and returns the skill. The model's own head is restored after, so
+    the base stays as it was; the skill carries the trained head. ``inference``
+    tells the runner how skills are used at test time: ``route`` (one skill per
+    sample, chosen by retrieval or the task id) or ``direct`` (the model as is).
+    """
+
+    name: ClassVar[str] = "lora"
+    inference: ClassVar[str] = "route"
+
+    rank: int = 8
+    alpha: float | None = None  # default 2 * rank
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    head: str | None = "head"
+    mask_logits: bool = True  # train the head on the task's own classes only
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def with_train(self, **kw: Any) -> Learner:
+        return replace(self, train=replace(self.train, **kw))
+
+    # ------------------------------------------------------------- hooks
+    def lora_config(self, task) -> sb.LoRAConfig:
+        return sb.LoRAConfig(rank=self.rank, alpha=self.alpha or 2.0 * self.rank, targets=tuple(self.targets),
+                             head=self.head)
+
+    def adapter_name(self, task) -> str:
+        sb.adapters.inject.check_name(task.name)
+        return task.name
+
+    def prepare(self, model: nn.Module, task, bank, name: str) -> None:
+        sb.add_adapter(model, name, self.lora_config(task))
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
+        pass
+
+    def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
+        return sb.Skill.from_model(model, name, metadata={"learner": self.name, "task": task.name,
+                                                          "classes": list(task.classes)})
+
+    # --------------------------------------------------------------- fit
+    def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:
+        name = self.adapter_name(task)
+        head = model.get_submodule(self.head) if self.head else None
+        saved_head = copy.deepcopy(head.state_dict()) if head is not None else None
+        self.prepare(model, task, bank, name)
+        try:
+            penalty = self.penalty if type(self).penalty is not Learner.penalty else None
+            train(model, task.x_train, task.y_train, self.train, penalty=penalty, after_step=self.after_step,
+                  classes=task.classes if self.mask_logits else None, desc=f"{self.name}:{task.name}")
+            skill = self.finish(model, task, name)
+        except Exception:
+            if name in sb.adapter_names(model):
+                sb.remove_adapter(model, name)
+            raise
+        finally:
+            if saved_head is not None and self.restores_head:
+                head.load_state_dict(saved_head)
+        return skill
+
+    restores_head: ClassVar[bool] = True
+
+
+@dataclass
+class LoRALearner(Learner):
+    """Plain LoRA at a fixed rank: one adapter and head per task."""
+
+    name: ClassVar[str] = "lora"
