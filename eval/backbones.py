@@ -25,6 +25,7 @@ from torch import nn
 from eval.data import Task
 from learners.base import TrainConfig, resolve_device, train
 from skillbank.embed import features  # noqa: F401  (re-exported: pooled pre-logits)
+from skillbank.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.14 M parameters. Mean-pooled tokens (no class token) and, by default, a
@@ -91,6 +92,18 @@ def _open_clip(
     return OpenCLIPClassifier(visual, cfg["embed_dim"], num_classes, in_chans)
 
 
+def check_name(name: str) -> None:
+    """Refuse an unknown backbone name before anything is built or trained."""
+    import timm
+
+    if name in PRESETS or name.startswith("open_clip:") or timm.is_model(name):
+        return
+    raise ConfigError(
+        f"unknown backbone {name!r}: not a preset ({', '.join(PRESETS)}), "
+        "not 'open_clip:<name>', not a timm model"
+    )
+
+
 def create_backbone(
     name: str,
     *,
@@ -127,11 +140,7 @@ def create_backbone(
     elif name.startswith("open_clip:"):
         model = _open_clip(name.split(":", 1)[1], in_chans, img_size, num_classes, patch_size, **kw)
     else:
-        if not timm.is_model(name):
-            raise ValueError(
-                f"unknown backbone {name!r}: not a preset ({', '.join(PRESETS)}), "
-                "not 'open_clip:<name>', not a timm model"
-            )
+        check_name(name)
         base = dict(pretrained=False, num_classes=num_classes, in_chans=in_chans, **kw)
         try:
             model = timm.create_model(name, img_size=img_size, patch_size=patch_size, **base)

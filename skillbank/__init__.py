@@ -9,6 +9,7 @@ from .adapters import (
     adapter_layers,
     adapter_names,
     add_adapter,
+    disabled,
     merge,
     mixed_batch,
     param_groups,
@@ -22,12 +23,17 @@ from .embed import TextEmbedder, example_embedding, features
 from .errors import *  # noqa: F403  (the error family is part of the public surface)
 from .errors import __all__ as _errors
 from .fingerprint import Fingerprint, fingerprint
+from .route import Routed, Router, route
 from .skill import Skill, attach
 
 __version__ = "0.1.0"
 
 __all__ = [
     "COMPOSE",
+    "Routed",
+    "Router",
+    "route",
+    "disabled",
     "AdapterLayer",
     "Hit",
     "Ref",

@@ -21,7 +21,6 @@ from storage import Library as _Library
 from .compose import compose as _compose
 from .embed import EXAMPLES, TEXT, TextEmbedder, features
 from .errors import ConfigError
-from .safefile import check_finite
 from .skill import Skill
 
 
@@ -71,7 +70,7 @@ class SkillBank:
         if not isinstance(skill, Skill):
             raise ConfigError(f"bank.add needs a Skill, got {type(skill).__name__}")
         skill.check_shapes()
-        check_finite({f"{s}.{i}": t for s, ab in skill.factors.items() for i, t in enumerate(ab)}, f"skill {name!r}")
+        skill.check_weights()
         spaces = {k: np.asarray(v) for k, v in skill.embeddings.items()}
         if embedding is not None:
             spaces.update({k: np.asarray(v) for k, v in embedding.items()} if isinstance(embedding, Mapping)

@@ -21,9 +21,11 @@ TEXT = "text"
 
 
 @torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Pooled features of ``x``: timm's pre-logits when the model has them, else the
-    input of module ``head`` (caught with a hook), else the model's output."""
+def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batch_size: int = 256,
+             keep_device: bool = False) -> torch.Tensor:
+    """Pooled float features of ``x``: timm's pre-logits when the model has them, else
+    the input of module ``head`` (caught with a hook), else the model's output.
+    On the CPU unless ``keep_device``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -40,7 +42,8 @@ def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batc
             else:
                 y = model(chunk)
                 out.append(captured.pop() if hook else y)
-        return torch.cat(out).float().flatten(1).cpu()
+        out = torch.cat(out).float().flatten(1)
+        return out if keep_device else out.cpu()
     finally:
         if hook:
             hook.remove()

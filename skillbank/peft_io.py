@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from .adapters.config import matches
 from .errors import ConfigError, CorruptFile, UnsafeFile
 from .fingerprint import Fingerprint, ModuleSig
-from .safefile import check_finite, read_safetensors
+from .safefile import check_finite, read_safetensors, real_number
 from .skill import Skill, site_module
 
 _PREFIX = "base_model.model."
@@ -26,6 +26,27 @@ _UNSUPPORTED = {"use_dora": "DoRA", "fan_in_fan_out": "fan_in_fan_out (Conv1D ba
 def _pattern(patterns: dict, path: str, default):
     hits = [k for k in patterns if matches(k, path)]
     return patterns[max(hits, key=len)] if hits else default
+
+
+def _lora_numbers(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict]:
+    """r, lora_alpha and their per-module patterns, typed as PEFT writes them.
+
+    A string "8", a float 2.5, a bool or a non-positive rank is refused, not
+    coerced: a hand-edited config that says something odd should be looked at.
+    """
+    if "r" not in cfg or "lora_alpha" not in cfg:
+        raise CorruptFile(f"{cfg_path}: malformed LoRA config (needs 'r' and 'lora_alpha')")
+    r = real_number(cfg["r"], f"{cfg_path}: 'r'", positive_int=True)
+    alpha = float(real_number(cfg["lora_alpha"], f"{cfg_path}: 'lora_alpha'"))
+    patterns = []
+    for key, ints in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = cfg.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise CorruptFile(f"{cfg_path}: '{key}' must be an object, got {type(pattern).__name__}")
+        for module, value in pattern.items():
+            real_number(value, f"{cfg_path}: {key}[{module!r}]", positive_int=ints)
+        patterns.append(dict(pattern))
+    return r, alpha, patterns[0], patterns[1]
 
 
 def read_peft(folder: Path, name: str | None = None) -> Skill:
@@ -48,11 +69,7 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
         if (folder / "adapter_model.bin").is_file():
             raise UnsafeFile(f"{folder} holds only adapter_model.bin (a pickle); skillbank reads safetensors only")
         raise ConfigError(f"{folder} has no adapter_model.safetensors")
-    try:
-        r_default, alpha_default = int(cfg["r"]), float(cfg["lora_alpha"])
-        rank_pattern, alpha_pattern = dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {})
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFile(f"{cfg_path}: malformed LoRA config ({e})") from None
+    r_default, alpha_default, rank_pattern, alpha_pattern = _lora_numbers(cfg, cfg_path)
 
     tensors, _ = read_safetensors(weights)
     check_finite(tensors, str(weights))
@@ -95,7 +112,11 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
 
 
 def write_peft(skill: Skill, folder: Path) -> Path:
-    """A folder ``peft.PeftModel.from_pretrained(model, folder)`` loads with equal outputs."""
+    """A folder ``peft.PeftModel.from_pretrained(model, folder)`` loads with equal outputs.
+
+    Refuses a NaN/Inf skill before creating anything.
+    """
+    skill.check_weights()
     if any(site != site_module(site) for site in skill.factors):
         raise ConfigError("PEFT export of nn.MultiheadAttention q/k/v adapters is not supported")
     ranks = skill.ranks

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load as _load
 
-from .errors import CorruptFile, UnsafeFile
+from .errors import CorruptFile, InvalidName, UnsafeFile
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
@@ -21,6 +22,10 @@ _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 
 
 
 def _refuse_pickle(data: bytes, what: str) -> None:
+    # A safetensors header length can itself start with 0x80 0x02..0x05 (e.g. 896 bytes),
+    # so a file whose JSON header opens at byte 8 is never taken for a pickle.
+    if data[8:9] == b"{":
+        return
     if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise UnsafeFile(
             f"{what} is a pickle (torch.save / .bin / .pt) file; skillbank never unpickles files. "
@@ -74,3 +79,23 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CorruptFile(f"{what}: tensor {key!r} contains NaN or Inf")
+
+
+def check_path(path: str | os.PathLike[str], what: str = "path") -> Path:
+    """A user-given file path as a ``Path``; a NUL byte (which the OS would truncate
+    at, or Python reject with a bare ValueError) is refused with a clear error."""
+    text = os.fspath(path)
+    if "\x00" in (text if isinstance(text, str) else text.decode(errors="replace")):
+        raise InvalidName(f"{what} {text!r} contains a NUL byte")
+    return Path(text)
+
+
+def real_number(value: object, what: str, *, positive_int: bool = False) -> float | int:
+    """A finite JSON number (an int > 0 if asked); strings and bools are not numbers here."""
+    if positive_int:
+        if type(value) is not int or value <= 0:
+            raise CorruptFile(f"{what} must be a positive integer, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise CorruptFile(f"{what} must be a finite number, got {value!r}")
+    return value

@@ -27,7 +27,7 @@ from .adapters.kinds import MultiheadAttentionAdapter
 from .adapters.layer import AdapterLayer
 from .errors import AdapterNotFound, BaseMismatch, CorruptFile
 from .fingerprint import Fingerprint, fingerprint
-from .safefile import check_finite, read_safetensors
+from .safefile import check_finite, check_path, read_safetensors, real_number
 
 FORMAT = 1
 _SITE = re.compile(r"(.*?)(\[[qkv]\])?")
@@ -110,12 +110,17 @@ class Skill:
             raise CorruptFile(f"{what} is a safetensors file but not a skillbank skill (no 'skillbank' metadata)")
         try:
             header = json.loads(meta["skillbank"])
+            if not isinstance(header, dict):
+                raise CorruptFile(f"{what}: the skill header is not a JSON object")
             if header.get("format") != FORMAT:
                 raise CorruptFile(f"{what} has skill format {header.get('format')!r}; this skillbank reads {FORMAT}")
+            _expect(what, header, {"name": str, "scales": dict, "config": dict, "fingerprint": dict})
+            _expect(what, {"metadata": header.get("metadata", {})}, {"metadata": dict})
             factors = {}
             for site, scale in header["scales"].items():
                 a, b = tensors[f"A:{site}"], tensors[f"B:{site}"]
-                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not isinstance(scale, (int, float)):
+                real_number(scale, f"{what}: scale of site {site!r}")
+                if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
                     raise CorruptFile(f"{what}: site {site!r} has factors {tuple(a.shape)} and {tuple(b.shape)}, not (r, in) and (out, r)")
                 factors[site] = (a, b)
             head = {k[5:]: t for k, t in tensors.items() if k.startswith("head:")}
@@ -123,7 +128,7 @@ class Skill:
             skill = cls(header["name"], factors, {k: float(v) for k, v in header["scales"].items()},
                         header["config"], Fingerprint.from_dict(header["fingerprint"]), head, emb,
                         header.get("metadata", {}))
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as e:
             if isinstance(e, CorruptFile):
                 raise
             raise CorruptFile(f"{what}: malformed skill header ({type(e).__name__}: {e})") from None
@@ -131,20 +136,35 @@ class Skill:
         skill.check_shapes()
         return skill
 
+    def check_weights(self) -> None:
+        """Finite factors, head and scales: a NaN skill is refused, never stored or attached."""
+        what = f"skill {self.name!r}"
+        check_finite({f"{s}.{i}": t for s, ab in self.factors.items() for i, t in enumerate(ab)}, what)
+        check_finite(self.head, f"{what} head")
+        for site, scale in self.scales.items():
+            real_number(scale, f"{what}: scale of site {site!r} (NaN or Inf?)")
+
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file, fsync, rename) so a crash never leaves half a skill."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(self.to_bytes())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        """Write atomically (temp file, fsync, rename) so a crash never leaves half a skill;
+        a skill with NaN/Inf weights is refused before anything is written."""
+        path = check_path(path, "skill file path")
+        self.check_weights()
+        data = self.to_bytes()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Skill:
-        path = Path(path)
+        path = check_path(path, "skill file path")
         if not path.is_file():
             raise CorruptFile(f"no skill file at {path}")
         return cls.from_bytes(path.read_bytes(), str(path))
@@ -153,12 +173,12 @@ class Skill:
     def from_peft(cls, path: str | Path, name: str | None = None) -> Skill:
         from .peft_io import read_peft
 
-        return read_peft(Path(path), name)
+        return read_peft(check_path(path, "PEFT folder"), name)
 
     def to_peft(self, path: str | Path) -> Path:
         from .peft_io import write_peft
 
-        return write_peft(self, Path(path))
+        return write_peft(self, check_path(path, "PEFT folder"))
 
     def check_shapes(self) -> None:
         """Factors must fit the fingerprinted modules (catches hand-edited files)."""
@@ -173,6 +193,13 @@ class Skill:
 
     def __repr__(self) -> str:
         return f"Skill({self.name!r}, sites={len(self.factors)}, params={self.num_params}, ranks={sorted(set(self.ranks.values()))})"
+
+
+def _expect(what: str, header: dict, types: dict[str, type]) -> None:
+    for key, kind in types.items():
+        if not isinstance(header[key], kind):
+            raise CorruptFile(f"{what}: skill header field {key!r} must be a {kind.__name__}, "
+                              f"got {type(header[key]).__name__}")
 
 
 def _snap(t: torch.Tensor) -> torch.Tensor:
@@ -201,7 +228,7 @@ def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: b
     if diff:
         raise BaseMismatch(f"cannot attach skill {skill.name!r}: base model differs at {diff}")
     skill.check_shapes()
-    check_finite({f"{k}.{i}": t for k, ab in skill.factors.items() for i, t in enumerate(ab)}, f"skill {skill.name!r}")
+    skill.check_weights()
     head_params = {}
     if load_head and skill.head:
         named = dict(model.named_parameters()) | dict(model.named_buffers())

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .errors import CorruptFile, MissingBlob
+from .faults import crash_point
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _TMP_PREFIX = ".tmp-"
@@ -59,24 +60,32 @@ class BlobStore:
         return self.path(digest).is_file()
 
     def put(self, data: bytes) -> str:
-        """Store ``data`` durably and return its digest; storing it twice is free."""
+        """Store ``data`` durably and return its digest; storing it twice is free.
+
+        An existing blob is trusted only if it still hashes to its name: a new
+        version must never be committed on top of a rotten copy.
+        """
         data = bytes(data)
         digest = sha256(data)
         final = self.path(digest)
-        if final.is_file() and final.stat().st_size == len(data):
+        if final.is_file() and final.stat().st_size == len(data) and self.check(digest) is None:
             os.utime(final)  # refresh the age so a concurrent gc grace period protects it
             return digest
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / f"{_TMP_PREFIX}{final.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
         try:
             with open(tmp, "wb") as fh:
-                fh.write(data)
+                view, half = memoryview(data), len(data) // 2
+                fh.write(view[:half])
+                crash_point("blob.write")
+                fh.write(view[half:])
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+        crash_point("blob.renamed")
         _fsync_dir(final.parent)
         return digest
 

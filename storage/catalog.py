@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from . import query, writes
 from .entities import Ref, VersionRecord
 from .errors import InvalidEmbedding, SkillExists, SkillNotFound
+from .faults import crash_point
 from .index import MAX_ROWS
 from .models import (
     AliasRow,
@@ -113,6 +114,7 @@ class Catalog:
         embeddings: Mapping[str, np.ndarray] | None = None,
         allow_base_change: bool = False,
         before_commit: Callable[[], object] | None = None,
+        on_checked: Callable[[], object] | None = None,
     ) -> tuple[Ref, int]:
         """Insert the next version of ``name``; returns its ref and row id.
 
@@ -120,7 +122,8 @@ class Catalog:
         numbers come from ``skills.last_version``; concurrent writers that collide
         on the unique (skill, version) key roll back and retry, so numbers stay
         1..n without gaps or duplicates. ``before_commit`` runs last inside the
-        transaction (the library waits there for its blob to be durable).
+        transaction (the library waits there for its blob to be durable);
+        ``on_checked`` once the version passed its checks (see ``writes``).
         """
         name = check_name(name)
         tag_items = [check_tag(k, v) for k, v in (tags or {}).items()]
@@ -155,10 +158,13 @@ class Catalog:
                         parent_refs,
                         embeddings,
                         allow_base_change,
+                        on_checked,
                     )
                     s.flush()
                     if before_commit is not None:
                         before_commit()
+                    crash_point("commit.before")
+                crash_point("commit.after")
                 return out
             except SkillExists:
                 if attempt == ADD_RETRIES - 1:
@@ -360,12 +366,22 @@ class Catalog:
         )
         return vids, nums, vecs
 
+    def snapshot(self, space: str) -> tuple[str, int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(uid, generation, vectors of ``space``) read in one snapshot, for a rebuild.
+
+        Read apart, a version committed in between would be both in the vectors
+        and in the next catch-up's log, and enter the index twice.
+        """
+        with session_scope(self.engine, snapshot=True) as s:
+            row = s.get(StateRow, 1)
+            return row.uid, int(row.generation), self.vectors(space, None, s)
+
     def changes(self, space: str, after: int) -> tuple[int, list[tuple[str, int]], tuple]:
         """Changes to ``space`` after generation ``after``, in one snapshot.
 
         Returns (generation now, [(op, version_id)], vectors of the added versions).
         """
-        with session_scope(self.engine) as s:
+        with session_scope(self.engine, snapshot=True) as s:
             gen = int(s.scalar(select(StateRow.generation).where(StateRow.id == 1)))
             log = [
                 (op, vid)

@@ -12,8 +12,10 @@ the catalog and stamps it with the catalog generation it reflects.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ import faiss
 import numpy as np
 
 from .errors import InvalidEmbedding
+from .faults import crash_point
 
 ROW_BITS = 16
 MAX_ROWS = 1 << ROW_BITS
@@ -201,24 +204,33 @@ class VectorIndex:
     # --- persistence --------------------------------------------------------
 
     def save(self, directory: Path, space: str, stamp: dict[str, Any]) -> None:
-        """Write ``<space>.faiss`` then ``<space>.json`` atomically (temp + rename)."""
+        """Write ``<space>.faiss`` then ``<space>.json`` atomically (temp + rename).
+
+        The two renames are not one step (a crash or another process may land in
+        between), so the stamp carries the sha256 of the index file it describes
+        and ``load`` refuses a pair that does not match.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         target, meta = directory / f"{space}.faiss", directory / f"{space}.json"
-        tmp = directory / f".{space}.faiss.{os.getpid()}.tmp"
-        faiss.write_index(self.index, str(tmp))
+        raw = faiss.serialize_index(self.index).tobytes()
+        tmp = directory / f".{space}.faiss.{os.getpid()}-{threading.get_ident()}.tmp"
+        tmp.write_bytes(raw)
+        crash_point("index.write")
         os.replace(tmp, target)
+        crash_point("index.meta")
         full = {
             **stamp,
             "dim": self.dim,
             "kind": self.kind,
             "ntotal": self.ntotal,
+            "sha256": hashlib.sha256(raw).hexdigest(),
             "tombstones": sorted(self.tombstones),
             "params": {
                 "hnsw_m": self.params.hnsw_m,
                 "ef_construction": self.params.ef_construction,
             },
         }
-        tmp_meta = directory / f".{space}.json.{os.getpid()}.tmp"
+        tmp_meta = directory / f".{space}.json.{os.getpid()}-{threading.get_ident()}.tmp"
         tmp_meta.write_text(json.dumps(full))
         os.replace(tmp_meta, meta)
 
@@ -230,7 +242,10 @@ class VectorIndex:
         target, meta = directory / f"{space}.faiss", directory / f"{space}.json"
         try:
             stamp = json.loads(meta.read_text())
-            raw = faiss.read_index(str(target))
+            data = target.read_bytes()
+            if not isinstance(stamp, dict) or stamp.get("sha256") != hashlib.sha256(data).hexdigest():
+                return None  # torn pair: the stamp describes another index file
+            raw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except (OSError, ValueError, RuntimeError):
             return None
         if not isinstance(stamp, dict) or stamp.get("kind") not in (FLAT, HNSW):

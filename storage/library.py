@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +115,19 @@ class Library:
             check_name(space)
             vecs[space] = normalize(value, self._dim(space))
         data = bytes(data)
-        # The blob's fsyncs overlap the SQL work; the commit waits for them.
-        pending = self._pool.submit(self.blobs.put, data)
+        # The blob's fsyncs overlap the SQL inserts; the commit waits for them. The
+        # write starts only once the catalog accepted the version (base, parents,
+        # dimensions), so a refused add leaves no blob; a retry reuses the write.
+        pending: list[Future[str]] = []
+
+        def start_blob() -> None:
+            if not pending:
+                pending.append(self._pool.submit(self.blobs.put, data))
+
+        def blob_durable() -> None:
+            start_blob()
+            pending[0].result()
+
         try:
             ref, _ = self.catalog.add_version(
                 name,
@@ -132,10 +144,11 @@ class Library:
                 parents=parents,
                 embeddings=vecs,
                 allow_base_change=allow_base_change,
-                before_commit=pending.result,
+                before_commit=blob_durable,
+                on_checked=start_blob,
             )
         finally:
-            wait([pending])  # never leave a write running behind an error
+            wait(pending)  # never leave a write running behind an error
         return ref
 
     def _dim(self, space: str) -> int | None:
@@ -182,8 +195,22 @@ class Library:
     # --- maintenance --------------------------------------------------------
 
     def gc(self, dry_run: bool = False, min_age: float = 60.0) -> list[str]:
-        """Delete blobs no version references (older than ``min_age`` seconds)."""
-        return self.blobs.gc(self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age)
+        """Delete blobs no version references (older than ``min_age`` seconds).
+
+        Temp files a killed writer left (blob or index) go too, once as old.
+        """
+        removed = self.blobs.gc(
+            self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age
+        )
+        if not dry_run and self.index_dir.is_dir():
+            cutoff = time.time() - min_age
+            for tmp in self.index_dir.glob(".*.tmp"):
+                try:
+                    if tmp.stat().st_mtime <= cutoff:
+                        tmp.unlink()
+                except FileNotFoundError:
+                    pass
+        return removed
 
     def verify(self) -> VerifyReport:
         """Re-hash every referenced blob and compare each index with the catalog."""
@@ -243,8 +270,7 @@ class Library:
         return idx, now, dirty + len(log)
 
     def _rebuild(self, space: str) -> tuple[VectorIndex, int, int]:
-        uid, gen = self.catalog.state()
-        vids, rows, vecs = self.catalog.vectors(space)
+        _, gen, (vids, rows, vecs) = self.catalog.snapshot(space)
         dim = self.catalog.space_dims().get(space, vecs.shape[1] if len(vecs) else 1)
         idx = VectorIndex.build(dim, pack_ids(vids, rows), vecs, self.params)
         self._indexes[space] = (idx, gen, 0)

@@ -26,6 +26,7 @@ from .errors import SchemaError, SkillExists
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
 _WRITE = "skillbank_write"
+MIGRATION_LOCK = 0x736B696C6C62616E  # "skillban": the PostgreSQL advisory lock key of migrations
 
 
 def database_url(url_or_dir: str | os.PathLike[str]) -> str:
@@ -84,12 +85,16 @@ def head_revision() -> str:
 def migrate(engine: Engine) -> str:
     """Bring the schema to head inside one write transaction; refuse a newer schema.
 
-    The check and the upgrade share a ``BEGIN IMMEDIATE`` transaction on SQLite,
-    so concurrent first opens serialise instead of racing to create tables.
+    The check and the upgrade share one transaction that holds the catalog's
+    migration lock (``BEGIN IMMEDIATE`` on SQLite, a transaction-scoped advisory
+    lock on PostgreSQL), so concurrent first opens serialise instead of racing
+    to create tables; the loser then sees the schema at head and does nothing.
     """
     cfg = alembic_config()
     script = ScriptDirectory.from_config(cfg)
     with engine.execution_options(**{_WRITE: True}).begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         current = MigrationContext.configure(conn).get_current_revision()
         if current is not None and current not in {r.revision for r in script.walk_revisions()}:
             raise SchemaError(
@@ -113,13 +118,23 @@ def _is_unique_violation(err: IntegrityError) -> bool:
 
 
 @contextmanager
-def session_scope(engine: Engine, *, write: bool = False) -> Iterator[Session]:
+def session_scope(
+    engine: Engine, *, write: bool = False, snapshot: bool = False
+) -> Iterator[Session]:
     """One unit of work: commit on success, roll back on error, never leak rows.
 
     A unique-key violation means "that name/alias/version is already taken", so it
-    becomes ``SkillExists``; other integrity errors keep their type.
+    becomes ``SkillExists``; other integrity errors keep their type. ``snapshot``
+    makes every read of the session see one state of the catalog: SQLite
+    transactions already do; PostgreSQL's default (READ COMMITTED) gives each
+    statement its own, so such sessions run in REPEATABLE READ there.
     """
-    bind = engine.execution_options(**{_WRITE: True}) if write else engine
+    if write:
+        bind = engine.execution_options(**{_WRITE: True})
+    elif snapshot and engine.dialect.name == "postgresql":
+        bind = engine.execution_options(isolation_level="REPEATABLE READ")
+    else:
+        bind = engine
     session = Session(bind=bind, expire_on_commit=False, autoflush=True)
     try:
         yield session

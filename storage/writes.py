@@ -37,8 +37,14 @@ def insert_version(
     parent_refs: list[str | Ref],
     embeddings: Mapping[str, np.ndarray],
     allow_base_change: bool,
+    on_checked: Callable[[], object] | None = None,
 ) -> tuple[Ref, int]:
-    """The write path in Core statements (the ORM unit of work costs ~2 ms here)."""
+    """The write path in Core statements (the ORM unit of work costs ~2 ms here).
+
+    ``on_checked`` runs once the base, parents and embedding dimensions passed,
+    before anything is inserted: the library starts its blob write there, so a
+    refused version leaves no blob behind.
+    """
     latest_base = (
         select(VersionRow.base_id)
         .where(VersionRow.skill_id == SkillRow.id)
@@ -74,6 +80,8 @@ def insert_version(
                 raise InvalidEmbedding(
                     f"space {space!r} holds {dims[space]}-d vectors, got {vecs.shape[1]}-d"
                 )
+    if on_checked is not None:
+        on_checked()
     # An atomic increment: a row lock on PostgreSQL, BEGIN IMMEDIATE on SQLite.
     number = s.scalar(
         update(SkillRow)

@@ -175,3 +175,18 @@ def test_peft_folder_of_another_method_or_pickle_is_refused(tmp_path):
     (folder / "adapter_model.bin").write_bytes(pickle.dumps({}))
     with pytest.raises(sb.UnsafeFile, match="pickle"):
         sb.Skill.from_peft(folder)
+
+
+def test_header_lengths_that_look_like_pickle_opcodes_still_load(trained):
+    # 896 = 0x380: the length field starts with 0x80 0x03, a pickle protocol-3 opcode
+    skill = sb.Skill.from_model(trained[1], "task")
+    for target in (640, 896, 1152, 1408):
+        data = skill.to_bytes()
+        n = int.from_bytes(data[:8], "little")
+        if n > target:
+            continue
+        skill.metadata["pad"] = ""
+        skill.metadata["pad"] = "x" * (target - int.from_bytes(skill.to_bytes()[:8], "little"))
+        data = skill.to_bytes()
+        assert data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or int.from_bytes(data[:8], "little") != target
+        assert sb.Skill.from_bytes(data).scales == skill.scales

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -184,6 +185,20 @@ def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
     for layer in adapter_layers(model):
         seen.update(layer.active)
     return list(seen.items())
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[None]:
+    """Run the bare base inside the block (e.g. for routing features); the active set returns after."""
+    layers = adapter_layers(model)
+    saved = [layer.active for layer in layers]
+    for layer in layers:
+        layer.set_active([])
+    try:
+        yield
+    finally:
+        for layer, active in zip(layers, saved, strict=True):
+            layer.set_active(list(active))
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:

@@ -1,0 +1,78 @@
+"""How a model is scored on a task: directly, or with per-sample routing.
+
+Both give class-IL accuracy (prediction over every class the model knows) and
+task-IL accuracy (logits masked to the task's classes) in one pass; routing
+also reports how often a sample reached the skill of its own task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from eval.data import Task
+from skillbank import Router
+
+
+@dataclass(frozen=True)
+class Score:
+    class_il: float
+    task_il: float
+    routing: float | None = None
+
+
+def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int):
+    for i in range(0, len(x), batch_size):
+        yield x[i:i + batch_size], y[i:i + batch_size]
+
+
+def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
+def _task_mask(task: Task, n: int, device) -> torch.Tensor:
+    mask = torch.full((n,), float("-inf"), device=device)
+    mask[list(task.classes)] = 0.0
+    return mask
+
+
+@torch.no_grad()
+def score_direct(model: nn.Module, task: Task, batch_size: int = 512) -> Score:
+    """The model as it is (whatever adapters are active)."""
+    model.eval()
+    device = next(model.parameters()).device
+    cil = til = 0
+    for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
+        logits = model(_to(xb, device)).float().cpu()
+        cil += int((logits.argmax(1) == yb).sum())
+        til += int(((logits + _task_mask(task, logits.shape[1], "cpu")).argmax(1) == yb).sum())
+    n = len(task.y_test)
+    return Score(cil / n, til / n)
+
+
+@torch.no_grad()
+def score_routed(router: Router, task: Task, skill_of_task: dict[int, str], batch_size: int = 512) -> Score:
+    """Each sample routed to a skill by retrieval (class-IL); the task's own skill for task-IL.
+
+    ``skill_of_task`` maps task ids to bank refs of the skills trained so far; a
+    sample is routed correctly when it reaches its own task's skill.
+    """
+    task_of_skill = {ref: t for t, ref in skill_of_task.items()}
+    own = skill_of_task.get(task.task_id)
+    device = next(router.model.parameters()).device
+    cil = til = hit = 0
+    for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
+        xb = _to(xb, device)
+        routed = router(xb)
+        cil += int((routed.logits.argmax(1).cpu() == yb).sum())
+        hit += sum(task_of_skill.get(r) == task.task_id for r in routed.refs)
+        if own is not None:
+            logits = router.forward(xb, [own] * len(xb)).cpu()
+        else:  # no skill for this task yet: the bare base, masked to the task
+            with router.disabled():
+                logits = router.model(xb).float().cpu()
+        til += int(((logits + _task_mask(task, logits.shape[1], "cpu")).argmax(1) == yb).sum())
+    n = len(task.y_test)
+    return Score(cil / n, til / n, hit / n)

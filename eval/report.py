@@ -1,0 +1,114 @@
+"""Results of a run as JSON, a terminal table and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from eval import metrics
+
+if TYPE_CHECKING:
+    from eval.runner import RunResult
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if not len(arr):
+        return {"mean": None, "std": None, "per_seed": [None] * len(values)}
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [_clean(v) for v in values]}
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN: undefined values (e.g. BWT of one task) become null."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def learner_metrics(result: RunResult) -> dict[str, Any]:
+    """Metrics per seed, with mean and std: the summary of R, task-IL ACC, routing, cost."""
+    per_seed = [metrics.summary(np.asarray(r.R)) for r in result.runs]
+    out = {k: _stats([m[k] for m in per_seed]) for k in per_seed[0]}
+    out["acc_task_il"] = _stats([metrics.acc(np.asarray(r.R_task)) for r in result.runs])
+    out["routing"] = _stats([r.routing[-1] for r in result.runs])
+    out["retention"] = _stats([r.retention[-1] if r.retention else None for r in result.runs])
+    out["params_per_skill"] = _stats([float(np.mean(r.params)) if r.params else 0.0 for r in result.runs])
+    out["bytes_per_skill"] = _stats([float(np.mean(r.bytes)) if r.bytes else 0.0 for r in result.runs])
+    out["train_seconds"] = _stats([float(np.sum(r.seconds)) for r in result.runs])
+    return out
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("skillbank", "torch", "timm", "open_clip_torch", "faiss-cpu", "sqlalchemy", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def write_results(results: dict[str, RunResult], out: str | Path, extra: dict | None = None) -> Path:
+    """``results.json`` (R per seed, metrics with mean/std, costs, device, versions) and plots."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(iter(results.values()))
+    doc = {
+        "stream": first.stream, "scenario": first.scenario, "device": first.device, "seeds": first.seeds,
+        "versions": versions(), **(extra or {}),
+        "learners": {
+            name: {
+                "metrics": learner_metrics(r),
+                "R": [_clean(run.R) for run in r.runs],
+                "R_task_il": [_clean(run.R_task) for run in r.runs],
+                "routing_per_row": [_clean(run.routing) for run in r.runs],
+                "retention_per_row": [_clean(run.retention) for run in r.runs],
+                "seconds_per_task": [run.seconds for run in r.runs],
+                "skills": [run.skills for run in r.runs],
+            }
+            for name, r in results.items()
+        },
+    }
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out / "results.json")
+    from eval.plots import plot_all
+
+    plot_all(results, out)
+    return out
+
+
+def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
+
+
+def table(results: dict[str, RunResult], title: str | None = None) -> Table:
+    """One row per learner: accuracies in percent (mean ± std over seeds), costs."""
+    first = next(iter(results.values()))
+    t = Table(title=title or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}")
+    for col in ("learner", "ACC", "avg ACC", "forgetting", "BWT", "FWT", "task-IL ACC", "routing",
+                "params/skill", "KiB/skill", "train s"):
+        t.add_column(col, justify="left" if col == "learner" else "right")
+    for name, r in results.items():
+        m = learner_metrics(r)
+        t.add_row(name, _fmt(m["acc"]), _fmt(m["avg_acc"]), _fmt(m["forgetting"]), _fmt(m["bwt"]), _fmt(m["fwt"]),
+                  _fmt(m["acc_task_il"]), _fmt(m["routing"]), _fmt(m["params_per_skill"], 1, 0),
+                  _fmt(m["bytes_per_skill"], 1 / 1024), _fmt(m["train_seconds"], 1, 1))
+    return t
+
+
+def print_table(results: dict[str, RunResult], console: Console | None = None, **kw: Any) -> None:
+    (console or Console()).print(table(results, **kw))

@@ -1,0 +1,6 @@
+"""``python -m skillbank.cli``."""
+
+from .app import app
+
+if __name__ == "__main__":
+    app(prog_name="skillbank")

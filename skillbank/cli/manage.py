@@ -1,0 +1,228 @@
+"""Commands that change the bank or move skills in and out of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from . import render
+from .core import (
+    command,
+    confirm,
+    db_app,
+    emit_json,
+    fail,
+    is_url,
+    note,
+    open_bank,
+    out,
+    parse_pairs,
+    state,
+)
+
+JSON = typer.Option(False, "--json", help="One JSON document on stdout.")
+
+
+# ------------------------------------------------------------- labels
+@command()
+def alias(ref: str = typer.Argument(..., help="NAME@VERSION (or NAME for the latest)."),
+          name: str = typer.Argument(..., help="The alias, e.g. prod.")) -> None:
+    """Point an alias (NAME@ALIAS) at a version; an existing alias moves."""
+    with open_bank() as bank:
+        target = bank.alias(ref, name)
+    note(f"{target.name}@{name} -> {target}")
+
+
+@command()
+def unalias(name: str = typer.Argument(..., help="Skill name."),
+            alias_: str = typer.Argument(..., metavar="ALIAS", help="The alias to drop.")) -> None:
+    """Drop an alias."""
+    with open_bank() as bank:
+        target = bank.unalias(name, alias_)
+    note(f"removed {name}@{alias_} (was {target})")
+
+
+@command()
+def tag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+        pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...", help="One or more tags.")) -> None:
+    """Set tags on one version."""
+    tags = parse_pairs(pairs, "KEY=VALUE")
+    with open_bank() as bank:
+        rec = bank.record(ref)
+        for k, v in tags.items():
+            bank.tag(str(rec.ref), k, v)
+    note(f"tagged {rec.ref}: {render.fmt(tags)}")
+
+
+@command()
+def untag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+          keys: list[str] = typer.Argument(..., metavar="KEY...", help="Tag keys to remove.")) -> None:
+    """Remove tags from one version."""
+    with open_bank() as bank:
+        rec = bank.record(ref)
+        for k in keys:
+            bank.untag(str(rec.ref), k)
+    note(f"untagged {rec.ref}: {', '.join(keys)}")
+
+
+# ------------------------------------------------------------ in / out
+@command(name="export")
+def export_(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+            path: Path = typer.Argument(..., help="Output file (or directory), or the PEFT folder."),
+            peft: bool = typer.Option(False, "--peft", help="Write a Hugging Face PEFT LoRA folder."),
+            force: bool = typer.Option(False, "--force", help="Overwrite an existing file or non-empty folder.")) -> None:
+    """Write a stored skill to a .safetensors file or a PEFT folder."""
+    with open_bank() as bank:
+        rec = bank.record(ref)
+        skill = bank.get(str(rec.ref))
+    if peft:
+        if path.exists() and not path.is_dir():
+            raise fail(f"{path} is a file; --peft writes a folder")
+        if path.is_dir() and any(path.iterdir()) and not force:
+            raise fail(f"{path} exists and is not empty (use --force to write into it)")
+        written = skill.to_peft(path)
+    else:
+        if path.is_dir():  # names hold no path separators (the bank checks), so this stays inside
+            path = path / f"{rec.name}-v{rec.version}.safetensors"
+        if path.exists() and not force:
+            raise fail(f"{path} exists (use --force to overwrite)")
+        if not path.parent.is_dir():
+            raise fail(f"no directory {path.parent}")
+        written = skill.save(path)
+    note(f"exported {rec.ref} -> {written}")
+    out().print(Text(str(written)))
+
+
+@command(name="import")
+def import_(path: Path = typer.Argument(..., help="A skill .safetensors file or a PEFT LoRA folder."),
+            name: str | None = typer.Option(None, "--name", help="Skill name (default: the file's)."),
+            description: str = typer.Option("", "--description", "-d"),
+            tags: list[str] | None = typer.Option(None, "--tag", "-t", metavar="KEY=VALUE", help="Repeatable."),
+            learner: str | None = typer.Option(None, "--learner"),
+            embedding: Path | None = typer.Option(None, "--embedding", help="A .npy example embedding."),
+            embed_text: bool | None = typer.Option(None, "--embed-text/--no-embed-text",
+                                                   help="Embed the description (default: when a text model is installed)."),
+            allow_base_change: bool = typer.Option(False, "--allow-base-change")) -> None:
+    """Add a skill file or a PEFT folder to the bank as the next version of NAME."""
+    import numpy as np
+
+    from skillbank import Skill
+
+    tag_map = parse_pairs(tags or [], "--tag")
+    if path.is_dir():
+        skill = Skill.from_peft(path, name)
+    elif path.is_file():
+        skill = Skill.load(path)
+    else:
+        raise fail(f"no such file or folder: {path}")
+    vec = np.load(embedding, allow_pickle=False) if embedding is not None else None
+    with open_bank(create=True) as bank:
+        ref = bank.add(name or skill.name, skill, embedding=vec, description=description, tags=tag_map,
+                       learner=learner, embed_text=embed_text, allow_base_change=allow_base_change)
+    note(f"imported {path} as {ref}")
+    out().print(Text(str(ref)))
+
+
+# --------------------------------------------------------- maintenance
+@command()
+def rm(ref: str = typer.Argument(..., help="NAME (every version), NAME@VERSION or NAME@ALIAS."),
+       dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed."),
+       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+    """Remove versions from the catalog; their blobs stay until `skillbank gc`."""
+    from storage.names import parse_ref
+
+    with open_bank() as bank:
+        name, sel = parse_ref(ref)
+        doomed = [r.ref for r in bank.versions(name)] if sel is None else [bank.record(ref).ref]
+        listing = ", ".join(str(r) for r in doomed)
+        if dry_run:
+            note(f"would remove {len(doomed)} version(s): {listing}")
+            return
+        confirm(f"remove {len(doomed)} version(s): {listing}?", yes)
+        removed = bank.remove(ref)
+    note(f"removed {', '.join(str(r) for r in removed)} (run `skillbank gc` to free the blobs)")
+
+
+@command()
+def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only list unreferenced blobs."),
+       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+       min_age: float = typer.Option(60.0, "--min-age", min=0,
+                                     help="Spare blobs younger than this many seconds (a writer may be mid-add).")) -> None:
+    """Delete blobs no version references."""
+    with open_bank() as bank:
+        garbage = bank.gc(dry_run=True, min_age=min_age)
+        size = sum(p.stat().st_size for p in map(bank.library.blobs.path, garbage) if p.exists())
+        for d in garbage:
+            out().print(Text(d))
+        if dry_run or not garbage:
+            note(f"{'would delete' if garbage else 'nothing to delete:'} {len(garbage)} blob(s), "
+                 f"{render.human_size(size)}")
+            return
+        confirm(f"delete {len(garbage)} unreferenced blob(s) ({render.human_size(size)})?", yes)
+        removed = bank.gc(dry_run=False, min_age=min_age)
+    note(f"deleted {len(removed)} blob(s)")
+
+
+@command()
+def verify(as_json: bool = JSON) -> None:
+    """Re-hash every blob and check the index; exit 1 when anything is missing or corrupt."""
+    with open_bank() as bank:
+        report = bank.verify()
+    fields = ("missing_blobs", "corrupt_blobs", "orphan_blobs", "index_without_rows", "rows_without_index")
+    if as_json:
+        emit_json({"ok": report.ok, **{f: list(getattr(report, f)) for f in fields}})
+    else:
+        table = Table(title="verify", title_justify="left")
+        table.add_column("check")
+        table.add_column("count", justify="right")
+        table.add_column("items")
+        for f in fields:
+            items = getattr(report, f)
+            style = "green" if not items else ("yellow" if f == "orphan_blobs" else "red")
+            table.add_row(Text(f.replace("_", " ")), Text(str(len(items)), style=style),
+                          Text("\n".join(items[:20]) + (f"\n... {len(items) - 20} more" if len(items) > 20 else "")))
+        out().print(table)
+        note("ok" if report.ok else "the bank is damaged: see above")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@command(db_app, name="upgrade")
+def db_upgrade() -> None:
+    """Apply pending catalog migrations and print the schema revision."""
+    from storage.session import head_revision, make_engine, migrate, schema_revision
+
+    st = state()
+    if not is_url(st.bank) and not Path(st.bank).exists():
+        raise fail(f"no skill bank at {st.bank!r}")
+    engine = make_engine(st.bank)
+    try:
+        before = schema_revision(engine)
+        after = migrate(engine)
+    finally:
+        engine.dispose()
+    note(f"schema {before or 'empty'} -> {after}" if before != after else f"schema already at {after} (head)")
+    out().print(Text(after))
+    if after != head_revision():  # pragma: no cover - migrate raises instead
+        raise fail(f"schema {after} is not head {head_revision()}")
+
+
+@command(db_app, name="current")
+def db_current() -> None:
+    """Print the catalog's schema revision and the newest this skillbank knows."""
+    from storage.session import head_revision, make_engine, schema_revision
+
+    st = state()
+    if not is_url(st.bank) and not (Path(st.bank) / "catalog.db").is_file():
+        raise fail(f"no skill bank at {st.bank!r}")
+    engine = make_engine(st.bank)
+    try:
+        current = schema_revision(engine)
+    finally:
+        engine.dispose()
+    head = head_revision()
+    note("up to date" if current == head else f"behind head {head}: run `skillbank db upgrade`")
+    out().print(Text(current or "empty"))
