@@ -22,6 +22,13 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_all(results: dict[str, RunResult], out: Path) -> list[Path]:
     return [heatmaps(results, out / "accuracy_matrix.png"), over_time(results, out / "accuracy_over_time.png"),
             forgetting(results, out / "forgetting.png")]
@@ -41,10 +48,7 @@ def heatmaps(results: dict[str, RunResult], path: Path) -> Path:
         ax.set_title(name)
         ax.set_xlabel("task j")
         ax.set_ylabel("after task i (0 = before)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def over_time(results: dict[str, RunResult], path: Path) -> Path:
@@ -59,10 +63,7 @@ def over_time(results: dict[str, RunResult], path: Path) -> Path:
     ax.set_ylabel("accuracy on seen tasks (%)")
     ax.set_ylim(0, 100)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def forgetting(results: dict[str, RunResult], path: Path) -> Path:
@@ -73,7 +74,4 @@ def forgetting(results: dict[str, RunResult], path: Path) -> Path:
     values = [[metrics.forgetting(np.asarray(run.R)) for run in results[n].runs] for n in names]
     ax.bar(names, [100 * np.nanmean(v) for v in values], yerr=[100 * np.nanstd(v) for v in values], capsize=4)
     ax.set_ylabel("forgetting (points)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

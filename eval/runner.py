@@ -10,6 +10,7 @@ task lets ``resume=True`` continue an interrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -88,7 +89,7 @@ def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBa
         skill_of_task[i] = ref
     if not state.R:
         state.R, state.R_task, state.routing, state.retention = [], [], [], []
-        _record(state, _row(model, learner, stream, router, {}), model, stream)
+        _record(state, _row(model, learner, stream, router, {}), model, stream, learner)
     tasks = list(stream)
     if _schedule(learner) == "joint":
         tasks = [union(tasks)] * len(tasks) if state.done == 0 else []
@@ -104,30 +105,33 @@ def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBa
         state.seconds.append(time.perf_counter() - start)
         ref = state.skills[0] if (skill is not None and _schedule(learner) == "joint" and i > 0) else None
         if skill is not None and ref is None:
+            trained_on = tasks[0] if _schedule(learner) == "joint" else task
             with sb.disabled(model):
-                emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
-            ref = str(bank.add(f"{stream.name}-{learner.name}-s{seed}-{task.name}", skill, embedding=emb,
-                               description=f"{learner.name} skill for {task.name} of {stream.name}",
-                               tags={**tags, "task": task.name}, learner=learner.name, embed_text=False))
+                emb = sb.example_embedding(model, trained_on.x_train, centres=4, seed=seed)
+            ref = str(bank.add(f"{stream.name}-{learner.name}-s{seed}-{trained_on.name}", skill, embedding=emb,
+                               description=f"{learner.name} skill for {trained_on.name} of {stream.name}",
+                               tags={**tags, "task": trained_on.name}, learner=learner.name, embed_text=False))
+            router.register(ref, learner.adapter_name(trained_on), skill)
         state.skills.append(ref or "")
         state.adapters.append(learner.adapter_name(task) if skill is not None else "")
         state.params.append(skill.num_params if skill is not None else 0)
         state.bytes.append(len(skill.to_bytes()) if skill is not None else 0)
         if ref:
             skill_of_task[i] = ref
-        _record(state, _row(model, learner, stream, router, skill_of_task), model, stream)
+        _record(state, _row(model, learner, stream, router, skill_of_task), model, stream, learner)
         if on_task is not None:
             on_task(state)
     return state
 
 
-def _record(state: SeedRun, scores: list[Score], model: nn.Module, stream: Stream) -> None:
+def _record(state: SeedRun, scores: list[Score], model: nn.Module, stream: Stream, learner: Learner) -> None:
     state.R.append([s.class_il for s in scores])
     state.R_task.append([s.task_il for s in scores])
     routed = [s.routing for s in scores if s.routing is not None]
     state.routing.append(float(np.mean(routed)) if routed else None)
-    if stream.source is not None:
-        state.retention.append(score_direct(model, stream.source).class_il)
+    if stream.source is not None:  # the source task, on what serves it: the bare base when routing
+        with sb.disabled(model) if learner.inference == "route" else contextlib.nullcontext():
+            state.retention.append(score_direct(model, stream.source).class_il)
 
 
 @dataclass

@@ -53,6 +53,10 @@ class Router:
         self.head, self.mask_classes = head, mask_classes
         self._skills: dict[str, tuple[str, Skill]] = {}
 
+    def register(self, ref: str, adapter: str, skill: Skill) -> None:
+        """Tell the router that ``ref`` is already on the model as adapter ``adapter``."""
+        self._skills[ref] = (adapter, skill)
+
     def skill(self, ref: str) -> tuple[str, Skill]:
         """(adapter name, skill) of a ref, attaching it on first use."""
         if ref not in self._skills:

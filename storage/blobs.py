@@ -160,10 +160,15 @@ class BlobStore:
             if not dry_run:
                 self.delete(digest)
         if not dry_run:
-            for tmp in list(self._temps()):
-                try:
-                    if tmp.stat().st_mtime <= cutoff:
-                        tmp.unlink()
-                except FileNotFoundError:
-                    pass
+            remove_stale(self._temps(), cutoff)
         return removed
+
+
+def remove_stale(paths, cutoff: float) -> None:
+    """Delete the temp files a killed writer left, if older than ``cutoff`` (epoch seconds)."""
+    for tmp in list(paths):
+        try:
+            if tmp.stat().st_mtime <= cutoff:
+                tmp.unlink()
+        except FileNotFoundError:
+            pass

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .blobs import BlobStore, sha256
+from .blobs import BlobStore, remove_stale, sha256
 from .catalog import Catalog
 from .entities import Hit, Ref, VerifyReport, VersionRecord
 from .errors import InvalidEmbedding
@@ -203,13 +203,7 @@ class Library:
             self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age
         )
         if not dry_run and self.index_dir.is_dir():
-            cutoff = time.time() - min_age
-            for tmp in self.index_dir.glob(".*.tmp"):
-                try:
-                    if tmp.stat().st_mtime <= cutoff:
-                        tmp.unlink()
-                except FileNotFoundError:
-                    pass
+            remove_stale(self.index_dir.glob(".*.tmp"), time.time() - min_age)
         return removed
 
     def verify(self) -> VerifyReport:

@@ -91,7 +91,7 @@ def refs(result) -> list[str]:
 
 # ------------------------------------------------------------------ browsing
 def test_help_and_version_do_not_need_a_bank(tmp_path):
-    assert {"ls", "show", "search", "diff", "gc", "db", "demo"} <= set(ok(run(tmp_path / "none", "--help")).split())
+    assert {"ls", "show", "search", "diff", "gc", "db", "bench"} <= set(ok(run(tmp_path / "none", "--help")).split())
     assert ok(run(tmp_path / "none", "version")).strip() == sb.__version__
     assert not (tmp_path / "none").exists()
 

@@ -22,7 +22,7 @@ def trained(vit):
     sb.add_adapter(vit, "task", sb.LoRAConfig(rank=4, targets=VIT_TARGETS, rank_pattern={"fc1": 2}, head="head"))
     randomise(vit, "task")
     with torch.no_grad():
-        vit.head.weight.normal_()
+        vit.head.weight.normal_(std=0.1)
     return base, vit
 
 
