@@ -17,6 +17,10 @@ from .base import (
     resolve_device,
     train,
 )
+from .increlora import IncreLoRA
+from .orthogonal import Orthogonal, subspace_overlap
+from .rank_selective import RankSelective
+from .slicing import select_ranks, truncate
 
 REGISTRY: dict[str, type[Learner]] = {}
 
@@ -26,7 +30,7 @@ def register(cls: type[Learner]) -> type[Learner]:
     return cls
 
 
-for _cls in (LoRALearner,):
+for _cls in (LoRALearner, RankSelective, Orthogonal, IncreLoRA):
     register(_cls)
 
 
@@ -48,13 +52,19 @@ def create_learner(name: str, train: TrainConfig | dict | None = None, **kwargs:
 __all__ = [
     "DEFAULT_TARGETS",
     "REGISTRY",
+    "IncreLoRA",
     "Learner",
     "LoRALearner",
+    "Orthogonal",
+    "RankSelective",
     "TrainConfig",
     "TrainingError",
     "create_learner",
     "list_learners",
     "register",
     "resolve_device",
+    "select_ranks",
+    "subspace_overlap",
     "train",
+    "truncate",
 ]

@@ -95,13 +95,14 @@ def class_mask(classes, n_classes: int, device) -> torch.Tensor:
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, classes=None,
-          penalty=None, after_step=None, transform=None, desc: str = "train") -> list[float]:
+          penalty=None, after_step=None, transform=None, desc: str = "train", groups=None) -> list[float]:
     """Train the parameters of ``model`` that require grad; returns the loss per step.
 
     ``classes`` restricts the cross-entropy to those logits (a task's own head);
     ``transform(x) -> x`` augments each batch;
     ``penalty(model) -> tensor`` is added to the loss; ``after_step(model, step,
-    total)`` runs after every optimizer step. A non-finite loss raises
+    total)`` runs after every optimizer step (gradients of that step are still
+    there); ``groups(model, cfg) -> list[dict]`` replaces the LoRA+ optimizer groups. A non-finite loss raises
     ``TrainingError`` before the step is taken.
     """
     device = resolve_device(cfg.device)
@@ -109,12 +110,15 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     # Seeded for reproducibility, inside a fork so the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        return _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc)
+        return _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc, groups)
 
 
-def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc) -> list[float]:
+def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc, make_groups) -> list[float]:
     gen = torch.Generator().manual_seed(cfg.seed)
-    groups = sb.param_groups(model, cfg.lr, b_ratio=cfg.b_ratio, weight_decay=cfg.weight_decay)
+    if make_groups is not None:
+        groups = [g for g in make_groups(model, cfg) if g["params"]]
+    else:
+        groups = sb.param_groups(model, cfg.lr, b_ratio=cfg.b_ratio, weight_decay=cfg.weight_decay)
     if not groups:
         raise TrainingError("nothing to train: no parameter of the model requires grad")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -147,8 +151,9 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
                 if mask is not None:
                     logits = logits + mask
                 loss = F.cross_entropy(logits.float(), yb)
-                if penalty is not None:
-                    loss = loss + penalty(model)
+                extra = penalty(model) if penalty is not None else None
+                if extra is not None:
+                    loss = loss + extra
             if not torch.isfinite(loss):
                 raise TrainingError(f"{desc}: loss became {loss.item()} at step {step}; no skill was written")
             opt.zero_grad(set_to_none=True)
@@ -216,6 +221,13 @@ class Learner:
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         pass
 
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict] | None:
+        """Optimizer groups; None keeps the LoRA+ groups of ``sb.param_groups``."""
+        return None
+
+    def abort(self, model: nn.Module, name: str) -> None:
+        """Undo what ``prepare`` added beyond the adapter itself (training failed)."""
+
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
         return sb.Skill.from_model(model, name, metadata={"learner": self.name, "task": task.name,
                                                           "classes": list(task.classes)})
@@ -228,10 +240,13 @@ class Learner:
         self.prepare(model, task, bank, name)
         try:
             penalty = self.penalty if type(self).penalty is not Learner.penalty else None
+            groups = self.param_groups if type(self).param_groups is not Learner.param_groups else None
             train(model, task.x_train, task.y_train, self.train, penalty=penalty, after_step=self.after_step,
-                  classes=task.classes if self.mask_logits else None, desc=f"{self.name}:{task.name}")
+                  classes=task.classes if self.mask_logits else None, desc=f"{self.name}:{task.name}",
+                  groups=groups)
             skill = self.finish(model, task, name)
         except Exception:
+            self.abort(model, name)
             if name in sb.adapter_names(model):
                 sb.remove_adapter(model, name)
             raise
@@ -245,6 +260,60 @@ class Learner:
 
 @dataclass
 class LoRALearner(Learner):
-    """Plain LoRA at a fixed rank: one adapter and head per task."""
+    """Plain LoRA at a fixed rank: one adapter and head per task.
+
+    ``nested=True`` trains DyLoRA-style nested ranks: each step draws b ~ U{1..r}
+    and runs only A[:b], B[:, :b] at scale alpha / b (a per-rank mask on B), so
+    every prefix works alone and ``learners.truncate(skill, k)`` picks any rank
+    k <= r after training. Ranks below b are not detached (DyLoRA's "frozen"
+    mode): they keep training, which here cost nothing in accuracy.
+    """
 
     name: ClassVar[str] = "lora"
+
+    nested: bool = False
+    _draw: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def prepare(self, model: nn.Module, task, bank, name: str) -> None:
+        super().prepare(model, task, bank, name)
+        if self.nested:
+            from .gates import add_gates
+
+            self._draw = (add_gates(model, name, lambda layer, r: torch.ones(r), trainable=False),
+                          torch.Generator().manual_seed(self.train.seed))
+            self._nest()
+
+    def _nest(self) -> None:
+        gates, gen = self._draw
+        r_max = max(len(g.gate) for g in gates.values())
+        b = int(torch.randint(1, r_max + 1, (1,), generator=gen))
+        for g in gates.values():
+            r = len(g.gate)
+            k = min(b, r)
+            g.mask.zero_()[:k] = r / k
+
+    def after_step(self, model: nn.Module, step: int, total: int) -> None:
+        if self.nested:
+            self._nest()
+
+    def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict] | None:
+        from .gates import param_groups
+
+        return param_groups(model, cfg.lr, cfg.b_ratio, cfg.weight_decay)
+
+    def abort(self, model: nn.Module, name: str) -> None:
+        self.finish_nesting(model, name)
+
+    def finish_nesting(self, model: nn.Module, name: str) -> None:
+        if self.nested and self._draw is not None:
+            from .gates import remove_gates
+
+            remove_gates(model, name, fold=False)  # the mask was a training device, not part of B
+            self._draw = None
+
+    def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
+        self.finish_nesting(model, name)
+        skill = super().finish(model, task, name)
+        if self.nested:
+            skill.metadata["nested"] = True
+        return skill

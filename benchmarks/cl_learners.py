@@ -1,6 +1,6 @@
 """Continual-learning learners side by side on MNIST-5k streams, through ``eval.runner.bench``.
 
-    python benchmarks/learners.py [--streams split rotated permuted] [--seeds 0 1 2] [--out runs/learners]
+    python benchmarks/cl_learners.py [--streams split rotated permuted] [--seeds 0 1 2] [--out runs/learners]
 
 Prints ACC, forgetting, BWT, parameters and bytes per skill and training time per
 learner and stream. Goals: rank_selective and increlora within 1 point of
