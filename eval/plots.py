@@ -59,6 +59,7 @@ def over_time(results: dict[str, RunResult], path: Path) -> Path:
         R = r.R
         seen = [R[i, :i].mean() for i in range(1, R.shape[0])]
         ax.plot(range(1, R.shape[0]), [100 * v for v in seen], marker="o", label=name)
+    ax.set_xticks(range(1, next(iter(results.values())).R.shape[0]))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("accuracy on seen tasks (%)")
     ax.set_ylim(0, 100)

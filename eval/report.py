@@ -111,4 +111,5 @@ def table(results: dict[str, RunResult], title: str | None = None) -> Table:
 
 
 def print_table(results: dict[str, RunResult], console: Console | None = None, **kw: Any) -> None:
-    (console or Console()).print(table(results, **kw))
+    # Wide enough for every column even when stdout is a file or a pipe.
+    (console or Console(width=max(160, Console().width))).print(table(results, **kw))

@@ -120,6 +120,13 @@ def test_config_file_and_flags(tmp_path):
     path.write_text("stream: rotated-mnist\ntasks: 3\nlearners: [lora, joint]\nseeds: [1]\n")
     cfg = load(path, seeds=[4, 5])
     assert (cfg.stream, cfg.tasks, cfg.learners, cfg.seeds) == ("rotated-mnist", 3, ["lora", "joint"], [4, 5])
+    assert cfg.source_fraction == 0.5 and cfg.learners == ["lora", "joint"]
+    cfg = load(None, learners=["rank_selective"], learner_options={"rank_selective": {"max_kappa": 0.1}})
+    assert runner.make_learner("rank_selective", **cfg.learner_options["rank_selective"]).max_kappa == 0.1
+    with pytest.raises(sb.ConfigError, match="not in the run"):
+        load(None, learners=["lora"], learner_options={"increlora": {}})
+    with pytest.raises(sb.ConfigError, match="source_fraction"):
+        load(None, source_fraction=1.5)
 
 
 def test_route_sends_each_row_to_the_skill_of_its_data(stream, backbone, tmp_path):
