@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from eval.data import Task
+from eval.metrics import class_and_task_correct, class_mask, correct
 from skillbank import Router
 
 
@@ -32,12 +33,6 @@ def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
-def _task_mask(task: Task, n: int, device) -> torch.Tensor:
-    mask = torch.full((n,), float("-inf"), device=device)
-    mask[list(task.classes)] = 0.0
-    return mask
-
-
 @torch.no_grad()
 def score_direct(model: nn.Module, task: Task, batch_size: int = 512) -> Score:
     """The model as it is (whatever adapters are active)."""
@@ -45,9 +40,8 @@ def score_direct(model: nn.Module, task: Task, batch_size: int = 512) -> Score:
     device = next(model.parameters()).device
     cil = til = 0
     for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
-        logits = model(_to(xb, device)).float().cpu()
-        cil += int((logits.argmax(1) == yb).sum())
-        til += int(((logits + _task_mask(task, logits.shape[1], "cpu")).argmax(1) == yb).sum())
+        c, t = class_and_task_correct(model(_to(xb, device)).float().cpu(), yb, task.classes)
+        cil, til = cil + c, til + t
     n = len(task.y_test)
     return Score(cil / n, til / n)
 
@@ -66,13 +60,13 @@ def score_routed(router: Router, task: Task, skill_of_task: dict[int, str], batc
     for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
         xb = _to(xb, device)
         routed = router(xb)
-        cil += int((routed.logits.argmax(1).cpu() == yb).sum())
+        cil += correct(routed.logits.cpu(), yb)
         hit += sum(task_of_skill.get(r) == task.task_id for r in routed.refs)
         if own is not None:
             logits = router.forward(xb, [own] * len(xb)).cpu()
         else:  # no skill for this task yet: the bare base, masked to the task
             with router.disabled():
                 logits = router.model(xb).float().cpu()
-        til += int(((logits + _task_mask(task, logits.shape[1], "cpu")).argmax(1) == yb).sum())
+        til += correct(logits, yb, class_mask(task.classes, logits.shape[1]))
     n = len(task.y_test)
     return Score(cil / n, til / n, hit / n)

@@ -82,46 +82,54 @@ def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBa
     router = sb.Router(model, bank, where=where)
     skill_of_task: dict[int, str] = {}
     for i, ref in enumerate(state.skills):  # resume: put the finished tasks back
-        skill = bank.get(ref)
-        if state.adapters[i] in sb.adapter_names(model):
-            sb.remove_adapter(model, state.adapters[i])
-        sb.attach(model, skill, state.adapters[i], load_head=learner.inference == "direct", activate=True)
+        if not ref:
+            continue
+        if ref not in skill_of_task.values():  # joint repeats one skill on every row
+            if state.adapters[i] in sb.adapter_names(model):
+                sb.remove_adapter(model, state.adapters[i])
+            sb.attach(model, bank.get(ref), state.adapters[i], load_head=learner.inference == "direct")
         skill_of_task[i] = ref
     if not state.R:
-        state.R, state.R_task, state.routing, state.retention = [], [], [], []
         _record(state, _row(model, learner, stream, router, {}), model, stream, learner)
-    tasks = list(stream)
-    if _schedule(learner) == "joint":
-        tasks = [union(tasks)] * len(tasks) if state.done == 0 else []
+    schedule = _schedule(learner)
+    whole = union(list(stream)) if schedule == "joint" else None
     for i in range(state.done, len(stream)):
-        task = stream[i]
+        task = whole or stream[i]
         start = time.perf_counter()
-        if _schedule(learner) == "none":
-            skill = None
-        elif _schedule(learner) == "joint":
-            skill = learner.fit(model, tasks[0], bank) if i == 0 else bank.get(state.skills[0])
+        if schedule == "none":
+            ref = ""
+        elif schedule == "joint" and i > 0:  # trained once; every row is that model
+            ref = state.skills[0]
+            state.params.append(state.params[0])
+            state.bytes.append(state.bytes[0])
         else:
             skill = learner.fit(model, task, bank)
+            ref = _bank_skill(bank, stream, learner, task, skill, model, seed, tags)
+            router.register(ref, learner.adapter_name(task), skill)
+            state.params.append(skill.num_params)
+            state.bytes.append(bank.record(ref).size)
         state.seconds.append(time.perf_counter() - start)
-        ref = state.skills[0] if (skill is not None and _schedule(learner) == "joint" and i > 0) else None
-        if skill is not None and ref is None:
-            trained_on = tasks[0] if _schedule(learner) == "joint" else task
-            with sb.disabled(model):
-                emb = sb.example_embedding(model, trained_on.x_train, centres=4, seed=seed)
-            ref = str(bank.add(f"{stream.name}-{learner.name}-s{seed}-{trained_on.name}", skill, embedding=emb,
-                               description=f"{learner.name} skill for {trained_on.name} of {stream.name}",
-                               tags={**tags, "task": trained_on.name}, learner=learner.name, embed_text=False))
-            router.register(ref, learner.adapter_name(trained_on), skill)
-        state.skills.append(ref or "")
-        state.adapters.append(learner.adapter_name(task) if skill is not None else "")
-        state.params.append(skill.num_params if skill is not None else 0)
-        state.bytes.append(len(skill.to_bytes()) if skill is not None else 0)
+        if not ref:
+            state.params.append(0)
+            state.bytes.append(0)
+        state.skills.append(ref)
+        state.adapters.append(learner.adapter_name(task) if ref else "")
         if ref:
             skill_of_task[i] = ref
         _record(state, _row(model, learner, stream, router, skill_of_task), model, stream, learner)
         if on_task is not None:
             on_task(state)
     return state
+
+
+def _bank_skill(bank: sb.SkillBank, stream: Stream, learner: Learner, task, skill: sb.Skill, model: nn.Module,
+                seed: int, tags: dict[str, str]) -> str:
+    """Add a task's skill to the bank with its example embedding (base features); its ref."""
+    with sb.disabled(model):
+        emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
+    return str(bank.add(f"{stream.name}-{learner.name}-s{seed}-{task.name}", skill, embedding=emb,
+                        description=f"{learner.name} skill for {task.name} of {stream.name}",
+                        tags={**tags, "task": task.name}, learner=learner.name, embed_text=False))
 
 
 def _record(state: SeedRun, scores: list[Score], model: nn.Module, stream: Stream, learner: Learner) -> None:

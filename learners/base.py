@@ -132,7 +132,7 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
         return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    mask = class_mask(classes, _n_outputs(model, x[:1].to(device)), device) if classes is not None else None
+    mask = None  # built from the first batch's logits, whose width is the head's
     autocast = device.type == "cuda" and cfg.amp
     model.train()
     freeze_norm_statistics(model)
@@ -148,7 +148,8 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
                 xb = transform(xb)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 logits = model(xb)
-                if mask is not None:
+                if classes is not None:
+                    mask = class_mask(classes, logits.shape[-1], logits.device) if mask is None else mask
                     logits = logits + mask
                 loss = F.cross_entropy(logits.float(), yb)
                 extra = penalty(model) if penalty is not None else None
@@ -168,15 +169,6 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
             bar.update(job, advance=1, loss=losses[-1])
     model.eval()
     return losses
-
-
-@torch.no_grad()
-def _n_outputs(model: nn.Module, x: torch.Tensor) -> int:
-    was = model.training
-    model.eval()
-    n = model(x).shape[-1]
-    model.train(was)
-    return n
 
 
 @dataclass

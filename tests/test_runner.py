@@ -151,3 +151,15 @@ def test_route_sends_each_row_to_the_skill_of_its_data(stream, backbone, tmp_pat
         for r, row in zip(chosen, routed.logits, strict=True):
             classes = stream[0].classes if r == stream[0].name else stream[1].classes
             assert int(row.argmax()) in classes
+
+
+def test_resume_of_a_learner_without_skills(stream, backbone, tmp_path):
+    # frozen stores no skill per task; its checkpoint must still resume
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        learner = runner.make_learner("frozen", **kwargs("frozen")["frozen"])
+        first = runner.run_seed(stream, learner, backbone, bank, 0, device=torch.device("cpu"), run_id="r")
+        partial = runner.SeedRun(**{k: list(v[:2]) if k in ("R", "R_task", "routing", "retention") else list(v[:1])
+                                    for k, v in vars(first).items()})
+        resumed = runner.run_seed(stream, learner, backbone, bank, 0, device=torch.device("cpu"), run_id="r",
+                                  state=partial)
+        assert resumed.R == first.R and resumed.skills == ["", ""]
