@@ -20,16 +20,29 @@ STREAMS = {
 }
 
 
+# What a run measures. ``continual``: learners over a task stream (eval.runner);
+# ``tta``: test-time adaptation over a corruption stream (eval.tta); ``transfer``:
+# few-shot composition of banked skills (eval.transfer). Each protocol has its own
+# default stream and learners; the module named runs it with ``bench_protocol(cfg, bank, console)``.
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "continual": {"stream": "split-mnist", "learners": ["lora", "finetune", "joint", "frozen"]},
+    "tta": {"stream": "corrupted-mnist", "learners": ["source", "bn_adapt", "tent", "vida"], "module": "eval.tta"},
+    "transfer": {"stream": "composite-mnist", "learners": ["compose", "expand", "lora", "output", "merge"],
+                 "module": "eval.transfer"},
+}
+
+
 @dataclass
 class BenchConfig:
     """Everything that defines a run; the defaults are the README's main job."""
 
-    stream: str = "split-mnist"
+    protocol: str = "continual"
+    stream: str | None = None  # default: the protocol's
     tasks: int = 5
     scenario: str = "class"  # for split streams: class | task
     backbone: str = "vit_micro"
     pretrain_epochs: int | None = None
-    learners: list[str] = field(default_factory=lambda: ["lora", "finetune", "joint", "frozen"])
+    learners: list[str] | None = None  # default: the protocol's
     rank: int = 8
     learner_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"rank_selective": {"max_kappa": 0.1}}
     epochs: int = 10
@@ -46,7 +59,12 @@ class BenchConfig:
     resume: bool = False
 
     def __post_init__(self) -> None:
-        if self.stream not in STREAMS:
+        if self.protocol not in PROTOCOLS:
+            raise sb.ConfigError(f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}")
+        defaults = PROTOCOLS[self.protocol]
+        self.stream = self.stream or defaults["stream"]
+        self.learners = list(self.learners) if self.learners is not None else list(defaults["learners"])
+        if self.protocol == "continual" and self.stream not in STREAMS:
             raise sb.ConfigError(f"unknown stream {self.stream!r}; choose from {sorted(STREAMS)}")
         if self.scenario not in ("class", "task"):
             raise sb.ConfigError(f"scenario must be 'class' or 'task', got {self.scenario!r}")
@@ -101,6 +119,11 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
     from learners import TrainConfig
 
     console = console or Console(stderr=True)
+    module = PROTOCOLS[cfg.protocol].get("module")
+    if module is not None:
+        import importlib
+
+        return importlib.import_module(module).bench_protocol(cfg, bank or cfg.bank, console)
     train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
     kwargs = {n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})} for n in cfg.learners}
     for n in cfg.learners:  # unknown names fail here, before any data is loaded or trained

@@ -30,6 +30,7 @@ def version() -> None:
 
 @command()
 def bench(config: str = typer.Option(None, "--config", "-c", help="YAML or JSON file of settings; flags override it."),
+          protocol: str = typer.Option(None, help="continual (default) | tta (test-time adaptation) | transfer (few-shot composition)."),
           stream: str = typer.Option(None, help="split-mnist | rotated-mnist | permuted-mnist | corrupted-mnist | split-digits"),
           tasks: int = typer.Option(None, help="Number of tasks (split, rotated, permuted)."),
           scenario: str = typer.Option(None, help="class | task (split streams)."),
@@ -50,7 +51,7 @@ def bench(config: str = typer.Option(None, "--config", "-c", help="YAML or JSON 
     from .core import open_bank, state
 
     chosen = state().bank
-    cfg = load(config, stream=stream, tasks=tasks, scenario=scenario, backbone=backbone,
+    cfg = load(config, protocol=protocol, stream=stream, tasks=tasks, scenario=scenario, backbone=backbone,
                learners=learners.split(",") if learners else None,
                seeds=[int(s) for s in seeds.split(",")] if seeds else None, epochs=epochs, rank=rank,
                device=device, out=out, bank=chosen if chosen != "skills" else None, resume=resume or None)
