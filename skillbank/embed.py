@@ -20,33 +20,35 @@ EXAMPLES = "examples"
 TEXT = "text"
 
 
+def pre_logits(model: nn.Module, x: torch.Tensor, head: str | None = None) -> torch.Tensor:
+    """The features the classifier sees, differentiable: timm's pre-logits when the
+    model has them, else the input of module ``head`` (caught with a hook), else the output."""
+    if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    if head is None:
+        return model(x)
+    captured: list[torch.Tensor] = []
+    hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return captured[0]
+
+
 @torch.no_grad()
 def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batch_size: int = 256,
              keep_device: bool = False) -> torch.Tensor:
-    """Pooled float features of ``x``: timm's pre-logits when the model has them, else
-    the input of module ``head`` (caught with a hook), else the model's output.
+    """Pooled float features of ``x`` in eval mode, batched (see ``pre_logits``).
     On the CPU unless ``keep_device``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    captured: list[torch.Tensor] = []
-    hook = None
-    if head is not None and not hasattr(model, "forward_head"):
-        hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
     try:
-        out = []
-        for chunk in x.split(batch_size):
-            chunk = chunk.to(device, non_blocking=True)
-            if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
-                out.append(model.forward_head(model.forward_features(chunk), pre_logits=True))
-            else:
-                y = model(chunk)
-                out.append(captured.pop() if hook else y)
+        out = [pre_logits(model, chunk.to(device, non_blocking=True), head) for chunk in x.split(batch_size)]
         out = torch.cat(out).float().flatten(1)
         return out if keep_device else out.cpu()
     finally:
-        if hook:
-            hook.remove()
         model.train(was_training)
 
 

@@ -4,6 +4,8 @@ Features of the batch come from the bare base (adapters off), so every
 skill's example embedding and every query live in one space; the bank
 returns the nearest skill per row; one ``mixed_batch`` forward then runs every
 row with its own adapter, and each row's logits come from its skill's head.
+With ``k > 1`` each row runs the score-weighted sum of its k nearest skills in
+parameter space (``composed``), heads mixed with the same weights.
 """
 
 from __future__ import annotations
@@ -18,19 +20,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .adapters.inject import adapter_names, disabled
-from .adapters.mixed import mixed_batch
+from .adapters.mixed import composed, mixed_batch
 from .bank import SkillBank
 from .embed import EXAMPLES, features
+from .errors import ConfigError
 from .skill import Skill, attach
 
 
 @dataclass(frozen=True)
 class Routed:
-    """Outputs of a routed batch: logits, the chosen skill per row and its score."""
+    """Outputs of a routed batch: logits, the chosen skill(s) per row and score(s).
+
+    With ``k = 1`` ``refs[i]`` is a ref and ``scores[i]`` a float; with ``k > 1``
+    both are lists of length k, best first."""
 
     logits: torch.Tensor
-    refs: list[str]
-    scores: list[float]
+    refs: list
+    scores: list
 
 
 def adapter_name_for(ref: str) -> str:
@@ -72,12 +78,22 @@ class Router:
         return disabled(self.model)
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor) -> Routed:
+    def __call__(self, x: torch.Tensor, k: int = 1) -> Routed:
+        if k < 1:
+            raise ConfigError(f"k must be positive, got {k}")
         with self.disabled():
             query = F.normalize(features(self.model, x, head=self.head), dim=1)
-        hits = self.bank.retrieve(query.numpy(), k=1, space=self.space, where=self.where)
-        refs = [str(h[0].ref) for h in hits]
-        return Routed(self.forward(x, refs), refs, [h[0].score for h in hits])
+        hits = self.bank.retrieve(query.numpy(), k=k, space=self.space, where=self.where)
+        if k == 1:
+            refs = [str(h[0].ref) for h in hits]
+            return Routed(self.forward(x, refs), refs, [h[0].score for h in hits])
+        refs = [[str(h.ref) for h in row] for row in hits]
+        scores = [[h.score for h in row] for row in hits]
+        # cosine scores -> weights that sum to one per row (rows with fewer hits pad with zero)
+        w = torch.zeros(len(x), k)
+        for i, row in enumerate(scores):
+            w[i, :len(row)] = torch.softmax(torch.tensor(row) / 0.05, 0)
+        return Routed(self.mix(x, refs, w), refs, scores)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, refs: list[str]) -> torch.Tensor:
@@ -88,8 +104,33 @@ class Router:
         self.model.eval()
         with mixed_batch(self.model, names):
             pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
+        w, b, m = self._heads(chosen, pre)
+        idx = torch.tensor([slot[r] for r in refs])
+        return torch.bmm(w[idx], pre.unsqueeze(2)).squeeze(2) + b[idx] + m[idx]
+
+    @torch.no_grad()
+    def mix(self, x: torch.Tensor, refs: list[list[str]], weights: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` with row i run by ``sum_j weights[i, j] * skill refs[i][j]``
+        (adapters and heads mixed in parameter space; classes: the union of the row's skills)."""
+        chosen = sorted({r for row in refs for r in row})
+        slot = {r: i for i, r in enumerate(chosen)}
+        mix = torch.zeros(len(x), len(chosen))
+        for i, row in enumerate(refs):
+            for j, r in enumerate(row):
+                mix[i, slot[r]] += weights[i, j]
+        self.model.eval()
+        with composed(self.model, [self.skill(r)[0] for r in chosen], mix):
+            pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
+        w, b, m = self._heads(chosen, pre)
+        mix = mix.to(pre.device, pre.dtype)
+        allowed = torch.where(torch.isfinite(m), 1.0, 0.0)
+        mask = torch.where((mix > 0).to(pre.dtype) @ allowed > 0, 0.0, float("-inf"))
+        return torch.einsum("nk,kcd,nd->nc", mix, w, pre) + mix @ b + mask
+
+    def _heads(self, chosen: list[str], pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stacked head weights, biases and class masks of ``chosen``, like ``pre``."""
         head = self.model.get_submodule(self.head)
-        weights, biases, masks = [], [], []  # per-row heads, gathered like the adapters
+        weights, biases, masks = [], [], []
         for r in chosen:
             skill = self.skill(r)[1]
             weights.append(skill.head.get(f"{self.head}.weight", head.weight.detach().cpu()))
@@ -100,11 +141,11 @@ class Router:
                 mask.fill_(float("-inf"))
                 mask[list(classes)] = 0.0
             masks.append(mask)
-        idx = torch.tensor([slot[r] for r in refs])
-        w, b, m = (torch.stack(t)[idx].to(pre.device, pre.dtype) for t in (weights, biases, masks))
-        return torch.bmm(w, pre.unsqueeze(2)).squeeze(2) + b + m
+        w, b, m = (torch.stack(t).to(pre.device, pre.dtype) for t in (weights, biases, masks))
+        return w, b, m
 
 
-def route(model: nn.Module, bank: SkillBank, x: torch.Tensor, **kwargs: Any) -> Routed:
-    """Route every row of ``x`` to its nearest skill and run them in one mixed batch."""
-    return Router(model, bank, **kwargs)(x)
+def route(model: nn.Module, bank: SkillBank, x: torch.Tensor, k: int = 1, **kwargs: Any) -> Routed:
+    """Route every row of ``x`` to its nearest skill (or the weighted mix of its ``k``
+    nearest) and run the whole batch in one forward."""
+    return Router(model, bank, **kwargs)(x, k=k)

@@ -48,6 +48,8 @@ class Skill:
     head: dict[str, torch.Tensor] = field(default_factory=dict)
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    # tensors a learner needs beyond factors and head (e.g. PSEC's compositor)
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ------------------------------------------------------------ facts
     @property
@@ -60,7 +62,8 @@ class Skill:
 
     @property
     def num_params(self) -> int:
-        return sum(a.numel() + b.numel() for a, b in self.factors.values()) + sum(t.numel() for t in self.head.values())
+        return (sum(a.numel() + b.numel() for a, b in self.factors.values()) + sum(t.numel() for t in self.head.values())
+                + sum(t.numel() for t in self.extras.values()))
 
     def delta(self, site: str) -> torch.Tensor:
         """The dense update ``scale * B @ A`` of one site, shaped (fan_out, fan_in)."""
@@ -97,6 +100,8 @@ class Skill:
             tensors[f"A:{site}"], tensors[f"B:{site}"] = a.contiguous(), b.contiguous()
         for key, t in self.head.items():
             tensors[f"head:{key}"] = t.contiguous()
+        for key, t in self.extras.items():
+            tensors[f"extra:{key}"] = t.contiguous()
         for space, v in self.embeddings.items():
             tensors[f"emb:{space}"] = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(v), dtype=np.float32))
         header = {"format": FORMAT, "name": self.name, "scales": self.scales, "config": self.config,
@@ -125,9 +130,10 @@ class Skill:
                 factors[site] = (a, b)
             head = {k[5:]: t for k, t in tensors.items() if k.startswith("head:")}
             emb = {k[4:]: t.numpy() for k, t in tensors.items() if k.startswith("emb:")}
+            extras = {k[6:]: t for k, t in tensors.items() if k.startswith("extra:")}
             skill = cls(header["name"], factors, {k: float(v) for k, v in header["scales"].items()},
                         header["config"], Fingerprint.from_dict(header["fingerprint"]), head, emb,
-                        header.get("metadata", {}))
+                        header.get("metadata", {}), extras)
         except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as e:
             if isinstance(e, CorruptFile):
                 raise
@@ -141,6 +147,7 @@ class Skill:
         what = f"skill {self.name!r}"
         check_finite({f"{s}.{i}": t for s, ab in self.factors.items() for i, t in enumerate(ab)}, what)
         check_finite(self.head, f"{what} head")
+        check_finite(self.extras, f"{what} extras")
         for site, scale in self.scales.items():
             real_number(scale, f"{what}: scale of site {site!r} (NaN or Inf?)")
 

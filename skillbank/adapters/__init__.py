@@ -16,7 +16,7 @@ from .inject import (
 )
 from .kinds import ADAPTER_KINDS, register_kind
 from .layer import AdapterLayer
-from .mixed import mixed_batch
+from .mixed import composed, mixed_batch
 
 __all__ = [
     "ADAPTER_KINDS",
@@ -29,6 +29,7 @@ __all__ = [
     "add_adapter",
     "disabled",
     "merge",
+    "composed",
     "mixed_batch",
     "param_groups",
     "register_kind",

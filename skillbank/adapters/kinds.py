@@ -87,6 +87,14 @@ class _LinearMap(AdapterLayer):
         o3.baddbmm_(h.to(o3.dtype), b_t[self.rows].to(o3.dtype))
         return out
 
+    def mix_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        a, b, unit = self.concatenated()
+        n = x.shape[0]
+        h = x.reshape(n, -1, x.shape[-1]).to(a.dtype) @ a.t()  # (n, tokens, R)
+        h = h * self.mix[:, unit].unsqueeze(1).to(h.dtype)
+        out.view(n, -1, out.shape[-1]).add_((h @ b.t()).to(out.dtype))
+        return out
+
 
 @register_kind(nn.Linear)
 class LinearAdapter(_LinearMap):
@@ -155,6 +163,12 @@ class Conv2dAdapter(AdapterLayer):
         b = b_stack[self.rows].reshape(n * out.shape[1], r, 1, 1)
         return out.add_(F.conv2d(h, b, groups=n).view(out.shape).to(out.dtype))
 
+    def mix_add(self, x, out):
+        a, b, unit = self.concatenated()
+        h = self._down(x.to(a.dtype), a.view(len(unit), -1, *self.base.kernel_size))
+        h = h * self.mix[:, unit, None, None].to(h.dtype)
+        return out.add_(F.conv2d(h, b[:, :, None, None]).to(out.dtype))
+
 
 @register_kind(nn.MultiheadAttention)
 class MultiheadAttentionAdapter(_LinearMap):
@@ -204,7 +218,7 @@ class MultiheadAttentionAdapter(_LinearMap):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
-        if self.rows is None and (not self.active or self.merged is not None):
+        if self.rows is None and self.mix is None and (not self.active or self.merged is not None):
             return self.base(query, key, value, key_padding_mask=key_padding_mask,
                              need_weights=need_weights, attn_mask=attn_mask,
                              average_attn_weights=average_attn_weights, is_causal=is_causal)

@@ -51,6 +51,9 @@ class AdapterLayer(nn.Module):
         self._stack_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
         self.rows: torch.Tensor | None = None  # mixed batch: stack slot per row
         self.row_names: tuple[str, ...] = ()
+        self.mix: torch.Tensor | None = None  # composition: (rows, K) weights over mix_names
+        self.mix_names: tuple[str, ...] = ()
+        self._cat_cache: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # ------------------------------------------------------------ kind hooks
     @classmethod
@@ -97,6 +100,10 @@ class AdapterLayer(nn.Module):
 
     def mixed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Per-row adapters from stacked factors (``self.rows`` indexes the stacks)."""
+        raise NotImplementedError
+
+    def mix_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out + sum_k mix[row, k] s_k B_k A_k x`` from the concatenated factors of ``mix_names``."""
         raise NotImplementedError
 
     # ------------------------------------------------------- adapter state
@@ -183,6 +190,10 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
+        if self.mix is not None:
+            if self.merged is not None:
+                raise MergedError("composed needs unmerged adapters; call sb.unmerge(model)")
+            return self.run(self.base_weight(), self.composed_add, *args, **kwargs)
         if self.rows is not None:
             if self.merged is not None:
                 raise MergedError("mixed_batch needs unmerged adapters; call sb.unmerge(model)")
@@ -197,6 +208,38 @@ class AdapterLayer(nn.Module):
         return torch.is_grad_enabled() and any(
             p.requires_grad for n, _ in self.active for p in self.adapter_parameters(n)
         )
+
+    def composed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The active adapters as usual, plus the per-row composition of ``mix_names``."""
+        if self.active:
+            out = self.lowrank_add(x, out)
+        if self.mix.shape[0] != x.shape[0]:
+            raise ConfigError(
+                f"composed was given weights for {self.mix.shape[0]} rows but '{self.path}' sees a "
+                f"batch of {x.shape[0]} on dim 0 (inputs must be batch-first)"
+            )
+        return self.mix_add(x, out)
+
+    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Factors of ``mix_names`` side by side, scale folded into B: A (R, fan_in),
+        B (fan_out, R) with R the sum of ranks, and the skill index of each rank unit.
+
+        A per-row mixture sum_k w_k B_k A_k x is then ``B ((A x) * w[unit])``: two
+        products of rank R, no per-row matrices. Cached while no factor changes.
+        """
+        names = self.mix_names
+        params = [p for n in names for p in self.adapter_parameters(n)]
+        key = (names, tuple((p._version, p.data_ptr()) for p in params))
+        if self._cat_cache is not None and self._cat_cache[0] == key:
+            return self._cat_cache[1:]
+        pairs = [self.factors_2d(n) for n in names]
+        a = torch.cat([a for a, _ in pairs])
+        b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(names, pairs, strict=True)], dim=1)
+        unit = torch.cat([torch.full((a_.shape[0],), k, dtype=torch.long, device=a.device)
+                          for k, (a_, _) in enumerate(pairs)])
+        if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+            self._cat_cache = (key, a, b, unit)
+        return a, b, unit
 
     def stacks(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of ``row_names`` stacked, slot 0 all zeros, scale folded into B:

@@ -1,4 +1,5 @@
-"""`mixed_batch`: a different adapter (or none) for every row of one batch."""
+"""Per-row adapters in one batch: `mixed_batch` (one adapter or none per row) and
+`composed` (per-row weights over several adapters, differentiable in the weights)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn as nn
 
-from ..errors import MergedError
+from ..errors import ConfigError, MergedError
 from .inject import _resolve, adapter_layers
 
 
@@ -36,3 +37,32 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.rows, layer.row_names = None, ()
+
+
+@contextmanager
+def composed(model: nn.Module, names: Sequence[str], weights: torch.Tensor) -> Iterator[None]:
+    """Within the block, row ``i`` runs with ``sum_k weights[i, k] * adapter names[k]``.
+
+    Parameter-space composition per sample (PSEC): each layer concatenates the
+    factors of ``names`` once and scales the rank units of each row by its
+    weights, so the cost is two products of rank ``sum of ranks`` whatever the
+    batch. Gradients reach ``weights`` (a compositor can learn them) and any
+    trainable adapter. Active adapters still apply on top.
+    """
+    names = list(names)
+    _resolve(model, names)
+    if weights.dim() != 2 or weights.shape[1] != len(names):
+        raise ConfigError(f"composed needs weights of shape (rows, {len(names)}), got {tuple(weights.shape)}")
+    layers = adapter_layers(model)
+    if any(layer.merged is not None for layer in layers):
+        raise MergedError("composed needs unmerged adapters; call sb.unmerge(model)")
+    try:
+        for layer in layers:
+            cols = [k for k, n in enumerate(names) if n in layer.lora_A]
+            if cols:
+                layer.mix_names = tuple(names[k] for k in cols)
+                layer.mix = weights[:, cols].to(layer.base_weight().device)
+        yield
+    finally:
+        for layer in layers:
+            layer.mix, layer.mix_names = None, ()
