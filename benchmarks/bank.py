@@ -2,17 +2,28 @@
 
     python benchmarks/bank.py --sizes 10000,100000          # quick
     python benchmarks/bank.py --sizes 10000,100000,1000000  # the 1M goal (HNSW build takes minutes)
+    python benchmarks/bank.py --sizes "" --skip-catalog --scale 1000000,10000000  # IVF-PQ, memory-mapped
 
 Retrieval: our index (at the kind its threshold picks) against numpy brute force
 and exact FAISS, on clustered data of low intrinsic dimension (what real task
 embeddings look like, and what makes recall meaningful). Catalog: ``add``
 throughput on SQLite and ``list`` with a filter returning 50 of 100k versions.
+
+Scale (``--scale``): the IVF-PQ kind on synthetic vectors (the same mixture of
+Gaussians, d=64 by default), built in this process, saved, then opened
+memory-mapped in a fresh process that measures resident memory, one-query
+latency on one thread and recall@5 against exact search (ground truth by
+chunked brute force) for several ``nprobe``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -277,6 +288,126 @@ def bench_skill_add(n: int) -> None:
     row("catalog", f"SkillBank.add() per second (real skills, {size} B)", f"{rate:,.0f} /s", ">=100/s", rate >= 100)
 
 
+def load_avg() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def exact_topk(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 1_000_000) -> np.ndarray:
+    """Exact top-k inner product over ``x`` in row chunks (positions into ``x``)."""
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for lo in range(0, len(x), chunk):
+        flat = faiss.IndexFlatIP(x.shape[1])
+        flat.add(x[lo : lo + chunk])
+        s, i = flat.search(q, k)
+        best_s, best_i = np.hstack([best_s, s]), np.hstack([best_i, i + lo])
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    return best_i
+
+
+def bench_scale(n: int, d: int, args: argparse.Namespace) -> None:
+    """IVF-PQ at ``n`` synthetic vectors: build here, measure in a fresh process (mmap)."""
+    sec = f"ivfpq {n / 1e6:g}M"
+    print(f"\n== IVF-PQ scale, n={n:,}, d={d} (synthetic mixture of Gaussians), load {load_avg()}", flush=True)
+    row(sec, "load average at start (1/5/15 min)", load_avg())
+    t = time.perf_counter()
+    x = clustered(n, d, seed=0)
+    queries = clustered(args.scale_queries, d, seed=1)
+    print(f"  data generated in {time.perf_counter() - t:.1f}s", flush=True)
+    t = time.perf_counter()
+    truth = exact_topk(x, queries, 5)
+    row(sec, f"exact ground truth, {len(queries)} queries (chunked)", f"{time.perf_counter() - t:.1f} s")
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x[: min(n, 1_000_000)])
+    with threads_for(1):
+        e50, _ = latencies(lambda q: exact.search(q[None], 5), queries[:20])
+    exact.reset()
+    row(sec, "exact FAISS one query p50 ms (1 thread)", f"{e50 * n / min(n, 1_000_000):.1f}",
+        "measured on 1M, scaled" if n > 1_000_000 else "")
+    params = IndexParams(kind="ivfpq", nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
+                         rerank=args.rerank, train_per_list=args.train_per_list)
+    t = time.perf_counter()
+    idx = VectorIndex.build(d, pack_ids(np.arange(n) + 1, np.zeros(n, np.int64)), x, params)
+    build = time.perf_counter() - t
+    nlist, m = idx.nlist, int(idx.base.pq.M)
+    n_train = min(n, params.train_per_list * nlist)
+    row(sec, f"build: train {n_train:,} + add ({faiss.omp_get_max_threads()} threads)", f"{build:.1f} s")
+    row(sec, "settings: nlist / pq m (bytes) / nbits", f"{nlist} / {m} / {params.nbits}")
+    home = Path(args.scale_dir or tempfile.mkdtemp(prefix="skillbank-scale-")) / f"n{n}"
+    shutil.rmtree(home, ignore_errors=True)
+    t = time.perf_counter()
+    idx.save(home, "examples", {"uid": "bench", "generation": n})
+    row(sec, "save (write + fsync, then map)", f"{time.perf_counter() - t:.1f} s")
+    sizes = idx.base_bytes(home, "examples")
+    row(sec, "disk: IVF-PQ lists (codes+ids) / ids / vectors", " / ".join(
+        f"{sizes[f] / 2**20:,.0f} MiB" for f in ("index.faiss", "ids.npy", "vectors.npy")))
+    del idx, x
+    np.save(home / "queries.npy", queries)
+    np.save(home / "truth.npy", truth)
+    cmd = [sys.executable, __file__, "--probe", str(home), "--nprobes", args.nprobes]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    row(sec, "fresh process, files out of page cache: open ms", f"{res['open_ms']:.1f}")
+    row(sec, "  then first 50 queries (cold) p50 / p99 ms", f"{res['cold'][0]:.3f} / {res['cold'][1]:.3f}")
+    row(sec, "resident after open: anon / file-backed MiB",
+        f"{res['open_anon']:.0f} / {res['open_file']:.0f}")
+    row(sec, "resident after the warm-up: file-backed MiB", f"{res['warm_file']:.0f}")
+    row(sec, "resident after all queries: anon / file MiB", f"{res['anon']:.0f} / {res['file']:.0f}")
+    for r in res["runs"]:
+        goal = r["nprobe"] == args.nprobe and r["rerank"] == args.rerank
+        row(sec, f"nprobe={r['nprobe']} rerank={r['rerank']}: p50 / p99 ms, R@5 (file MiB)",
+            f"{r['p50']:.3f} / {r['p99']:.3f}, {r['recall']:.4f} ({r['file']:.0f})",
+            "R@5>=0.9" if goal else "", (r["recall"] >= 0.9) if goal else None)
+    row(sec, "load average at end (1/5/15 min)", load_avg())
+    if not args.scale_dir:
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def rss_mib() -> tuple[float, float]:
+    """(anonymous, file-backed) resident MiB of this process."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return (int(fields["RssAnon"].split()[0]) / 1024, int(fields["RssFile"].split()[0]) / 1024)
+
+
+def probe(home: Path, nprobes: list[int]) -> None:
+    """In a fresh process: open the saved index memory-mapped, time and score it."""
+    queries, truth = np.load(home / "queries.npy"), np.load(home / "truth.npy")
+    for f in [*home.glob("examples.ivfpq-*/*"), home / "examples.delta.faiss"]:
+        fd = os.open(f, os.O_RDONLY)  # drop only our files from the page cache: a cold open
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    anon0, file0 = rss_mib()
+    t = time.perf_counter()
+    idx, _ = VectorIndex.load(home, "examples")
+    open_ms = (time.perf_counter() - t) * 1e3
+    anon1, file1 = rss_mib()
+    cold = latencies(lambda q: idx.search(q[None], 5), queries[-50:])  # pages come from disk
+    runs = []
+    default = idx.params
+    idx.params = dataclasses.replace(default, nprobe=max(nprobes))
+    for q in queries:  # warm: page in what the timed queries touch (the widest setting covers all)
+        idx.search(q[None], 5)
+    warm_file = rss_mib()[1] - file0
+    settings = [(p, default.rerank) for p in nprobes] + [(default.nprobe, 0)]
+    for nprobe, rerank in settings:
+        idx.params = dataclasses.replace(default, nprobe=nprobe, rerank=rerank)
+        for q in queries:  # warm up: a small nprobe re-ranks other (worse) rows, page them in too
+            idx.search(q[None], 5)
+        p50, p99 = latencies(lambda q: idx.search(q[None], 5), queries)
+        got = [[v - 1 for v, _ in idx.search(q[None], 5)[0]] for q in queries]
+        rec = float(np.mean([len(set(g) & set(t_.tolist())) / 5 for g, t_ in zip(got, truth, strict=True)]))
+        runs.append({"nprobe": nprobe, "rerank": rerank, "p50": p50, "p99": p99, "recall": rec,
+                     "file": rss_mib()[1] - file0})
+    anon2, file2 = rss_mib()
+    print(json.dumps({"open_ms": open_ms, "open_anon": anon1 - anon0, "open_file": file1 - file0, "cold": cold, "warm_file": warm_file,
+                      "anon": anon2 - anon0, "file": file2 - file0, "runs": runs}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="10000,100000", help="comma-separated index sizes")
@@ -290,10 +421,29 @@ def main() -> None:
     ap.add_argument("--adds", type=int, default=500)
     ap.add_argument("--list-versions", type=int, default=100_000)
     ap.add_argument("--skip-catalog", action="store_true")
+    ap.add_argument("--scale", default="", help="comma-separated IVF-PQ sizes, e.g. 1000000,10000000")
+    ap.add_argument("--scale-dim", type=int, default=64)
+    ap.add_argument("--scale-queries", type=int, default=200)
+    ap.add_argument("--scale-dir", default=None, help="keep the built indexes here")
+    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n), power of 2)")
+    ap.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector (default d/4)")
+    ap.add_argument("--nprobe", type=int, default=IndexParams().nprobe)
+    ap.add_argument("--nprobes", default="1,2,4,8,16,32,64", help="nprobe values measured")
+    ap.add_argument("--rerank", type=int, default=IndexParams().rerank)
+    ap.add_argument("--train-per-list", type=int, default=IndexParams().train_per_list)
+    ap.add_argument("--build-threads", type=int, default=None, help="FAISS threads for the scale builds")
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    print(f"faiss {faiss.__version__}, {os.cpu_count()} cpus, numpy {np.__version__}")
+    if args.build_threads:
+        faiss.omp_set_num_threads(args.build_threads)
+    if args.probe:
+        probe(Path(args.probe), [int(p) for p in args.nprobes.split(",")])
+        return
+    print(f"faiss {faiss.__version__}, {os.cpu_count()} cpus, numpy {np.__version__}, load {load_avg()}")
     for n in (int(s) for s in args.sizes.split(",") if s):
         bench_retrieval(n, args.dim, args)
+    for n in (int(s) for s in args.scale.split(",") if s):
+        bench_scale(n, args.scale_dim, args)
     if not args.skip_catalog:
         bench_add(args.adds, args.dim)
         bench_skill_add(args.adds)

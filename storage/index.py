@@ -1,7 +1,12 @@
 """FAISS nearest-neighbour index over L2-normalised float32 vectors (cosine).
 
-One ``VectorIndex`` per embedding space. Exact (``IndexFlatIP``) while small,
-HNSW above ``IndexParams.threshold``. FAISS ids pack the catalog's version row id
+One ``VectorIndex`` per embedding space. Exact (``IndexFlatIP``) up to
+``IndexParams.threshold`` vectors (50,000), HNSW (in memory) up to
+``ivf_threshold`` (2,000,000), then IVF-PQ over memory-mapped files
+(``storage.ivf``), which is built offline (``skillbank index build``) and takes
+later adds into a small exact delta. An index built with an explicit ``kind`` is
+*pinned*: it keeps that kind (and its settings) until the next explicit build.
+FAISS ids pack the catalog's version row id
 and the vector's row within that version (``version_id << 16 | row``), so a hit
 names its version without a side table and a version can own several vectors
 (e.g. k-means centres; its score is the best of them).
@@ -12,6 +17,7 @@ the catalog and stamps it with the catalog generation it reflects.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -30,27 +36,63 @@ from .faults import crash_point
 
 ROW_BITS = 16
 MAX_ROWS = 1 << ROW_BITS
-FLAT, HNSW = "flat", "hnsw"
+FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
+KINDS = (FLAT, HNSW, IVFPQ)
+REBUILD_WASTE = 0.2  # flat/HNSW: rebuild once this fraction of vectors is tombstoned
 
 
 @dataclass(frozen=True)
 class IndexParams:
-    """How to index; HNSW settings chosen for recall@5 >= 0.95 at 1M vectors."""
+    """How to index; HNSW settings chosen for recall@5 >= 0.95 at 1M vectors.
+
+    IVF-PQ: ``nlist`` inverted lists (None: 4*sqrt(n) rounded down to a power of
+    two), ``pq_m`` bytes per code (None: d/4, at most 64, a divisor of d),
+    trained on ``train_per_list * nlist`` sampled vectors; a query scans
+    ``nprobe`` lists and re-ranks the best ``rerank`` x fetch candidates exactly
+    from the memory-mapped float32 vectors (0: PQ scores only).
+    """
 
     threshold: int = 50_000  # above this many vectors: HNSW instead of exact
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 96
-    kind: str | None = None  # force "flat" or "hnsw"; None = by threshold
+    kind: str | None = None  # force "flat", "hnsw" or "ivfpq"; None = by size
+    ivf_threshold: int = 2_000_000  # above this many vectors: IVF-PQ instead of HNSW
+    nlist: int | None = None
+    pq_m: int | None = None
+    nbits: int = 8
+    nprobe: int = 32
+    rerank: int = 8
+    train_per_list: int = 64
 
     def __post_init__(self) -> None:
-        if self.kind not in (None, FLAT, HNSW):
-            raise ValueError(f"index kind must be 'flat', 'hnsw' or None, got {self.kind!r}")
+        if self.kind not in (None, *KINDS):
+            raise ValueError(f"index kind must be one of {KINDS} or None, got {self.kind!r}")
         if self.threshold < 0 or self.hnsw_m < 2 or self.ef_search < 1:
             raise ValueError(f"bad index parameters: {self}")
+        if (
+            self.ivf_threshold < 0
+            or (self.nlist is not None and self.nlist < 1)
+            or (self.pq_m is not None and self.pq_m < 1)
+            or not 1 <= self.nbits <= 16
+            or self.nprobe < 1
+            or self.rerank < 0
+            or self.train_per_list < 39  # FAISS k-means warns below 39 points per centre
+        ):
+            raise ValueError(f"bad IVF-PQ parameters: {self}")
 
     def kind_for(self, n: int) -> str:
-        return self.kind or (HNSW if n > self.threshold else FLAT)
+        if self.kind:
+            return self.kind
+        return IVFPQ if n > self.ivf_threshold else HNSW if n > self.threshold else FLAT
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> IndexParams:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def normalize(vectors: Any, dim: int | None = None) -> np.ndarray:
@@ -97,9 +139,12 @@ def threads_for(n_queries: int) -> Iterator[None]:
 class VectorIndex:
     """A FAISS index plus the set of removed versions it must never return."""
 
+    pinned = False  # built with an explicit kind: keep it (see ``needs_rebuild``)
+
     def __init__(self, dim: int, kind: str, params: IndexParams | None = None) -> None:
         self.dim, self.kind = int(dim), kind
         self.params = params or IndexParams()
+        self.pinned = self.params.kind is not None
         if kind == FLAT:
             inner = faiss.IndexFlatIP(self.dim)
         else:
@@ -115,9 +160,20 @@ class VectorIndex:
         cls, dim: int, ids: np.ndarray, vectors: np.ndarray, params: IndexParams | None = None
     ) -> VectorIndex:
         params = params or IndexParams()
-        idx = cls(dim, params.kind_for(len(ids)), params)
+        kind = params.kind_for(len(ids))
+        if kind == IVFPQ:
+            from .ivf import IVFPQIndex
+
+            return IVFPQIndex.build(dim, ids, vectors, params)
+        idx = cls(dim, kind, params)
         idx.add(ids, vectors)
         return idx
+
+    def needs_rebuild(self, params: IndexParams) -> bool:
+        """Whether a caught-up index should be rebuilt: a wrong kind for its size
+        (unless pinned, or ``params`` ask for another kind) or too many tombstones."""
+        want = params.kind or (self.kind if self.pinned else params.kind_for(self.ntotal))
+        return self.kind != want or self.wasted() > REBUILD_WASTE
 
     @property
     def ntotal(self) -> int:
@@ -169,18 +225,22 @@ class VectorIndex:
         if self.ntotal == 0 or k <= 0:
             return out
         fetch = min(self.ntotal, max(4 * k, 16))
-        todo = np.arange(len(q))
+        todo, widen = np.arange(len(q)), 1
         while len(todo):
             with threads_for(len(todo)):
-                scores, ids = self.index.search(q[todo], fetch)
+                scores, ids = self._search_raw(q[todo], fetch, widen)
             retry = []
             for qi, srow, irow in zip(todo, scores, ids, strict=True):
                 out[qi] = self._dedupe(srow, irow, k, allowed)
                 if len(out[qi]) < k and fetch < self.ntotal:
                     retry.append(qi)
             todo = np.asarray(retry, dtype=np.int64)
-            fetch = min(self.ntotal, fetch * 4)
+            fetch, widen = min(self.ntotal, fetch * 4), widen * 4
         return out
+
+    def _search_raw(self, q: np.ndarray, fetch: int, widen: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS scores and packed ids of the ``fetch`` best vectors (``widen``: retry round)."""
+        return self.index.search(q, fetch)
 
     def _dedupe(
         self, scores: np.ndarray, ids: np.ndarray, k: int, allowed: set[int] | None
@@ -225,14 +285,15 @@ class VectorIndex:
             "ntotal": self.ntotal,
             "sha256": hashlib.sha256(raw).hexdigest(),
             "tombstones": sorted(self.tombstones),
-            "params": {
-                "hnsw_m": self.params.hnsw_m,
-                "ef_construction": self.params.ef_construction,
-            },
+            "pinned": self.pinned,
+            "params": self.params.to_dict(),
         }
         tmp_meta = directory / f".{space}.json.{os.getpid()}-{threading.get_ident()}.tmp"
         tmp_meta.write_text(json.dumps(full))
         os.replace(tmp_meta, meta)
+        from .ivf import prune
+
+        prune(directory, space)  # IVF-PQ bases of an earlier kind, once past their grace
 
     @classmethod
     def load(
@@ -242,6 +303,10 @@ class VectorIndex:
         target, meta = directory / f"{space}.faiss", directory / f"{space}.json"
         try:
             stamp = json.loads(meta.read_text())
+            if isinstance(stamp, dict) and stamp.get("kind") == IVFPQ:
+                from .ivf import IVFPQIndex
+
+                return IVFPQIndex.load(directory, space, stamp, params)
             data = target.read_bytes()
             if not isinstance(stamp, dict) or stamp.get("sha256") != hashlib.sha256(data).hexdigest():
                 return None  # torn pair: the stamp describes another index file
@@ -254,7 +319,7 @@ class VectorIndex:
             return None
         idx = cls.__new__(cls)
         idx.dim, idx.kind = int(raw.d), stamp["kind"]
-        idx.params = params or IndexParams()
+        idx.params, idx.pinned = stamp_params(stamp, params)
         idx.index = faiss.downcast_index(raw) if not isinstance(raw, faiss.IndexIDMap2) else raw
         if not isinstance(idx.index, faiss.IndexIDMap2):
             return None
@@ -263,3 +328,56 @@ class VectorIndex:
             idx._inner.hnsw.efSearch = idx.params.ef_search
         idx.tombstones = {int(v) for v in stamp.get("tombstones", [])}
         return idx, stamp
+
+
+def stamp_params(stamp: dict[str, Any], params: IndexParams | None) -> tuple[IndexParams, bool]:
+    """The settings a loaded index runs with: a pinned index keeps the ones it was
+    built with unless the opener asks for a kind explicitly."""
+    params = params or IndexParams()
+    pinned = bool(stamp.get("pinned"))
+    if pinned and params.kind is None:
+        try:
+            return IndexParams.from_dict(stamp.get("params") or {}), True
+        except (TypeError, ValueError):
+            return params, False
+    return params, pinned and params.kind == stamp.get("kind")
+
+
+def rebuild_params(directory: Path, space: str, params: IndexParams) -> IndexParams:
+    """``params``, or the settings of the pinned index on disk when ``params`` name no kind,
+    so that rebuilding a stale cache keeps the kind ``skillbank index build`` chose."""
+    if params.kind is not None:
+        return params
+    try:
+        stamp = json.loads((directory / f"{space}.json").read_text())
+    except (OSError, ValueError):
+        return params
+    if not isinstance(stamp, dict) or not stamp.get("pinned"):
+        return params
+    return stamp_params(stamp, params)[0]
+
+
+def describe(directory: Path, space: str) -> dict[str, Any] | None:
+    """What the index cache of ``space`` holds, from its stamp and file sizes (no loading)."""
+    try:
+        stamp = json.loads((Path(directory) / f"{space}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stamp, dict):
+        return None
+    files = [f"{space}.delta.faiss" if stamp.get("kind") == IVFPQ else f"{space}.faiss"]
+    size = sum((Path(directory) / f).stat().st_size for f in files if (Path(directory) / f).exists())
+    size += sum((stamp.get("base_bytes") or {}).values())
+    info = {k: stamp.get(k) for k in ("kind", "ntotal", "dim", "uid", "generation", "pinned")}
+    info.update(bytes=size, tombstones=len(stamp.get("tombstones", [])))
+    if stamp.get("kind") == IVFPQ:
+        params = stamp.get("params") or {}
+        info.update(
+            base_ntotal=stamp.get("base_ntotal"),
+            delta=int(stamp.get("ntotal", 0)) - int(stamp.get("base_ntotal") or 0),
+            nlist=stamp.get("nlist"),
+            pq_m=stamp.get("pq_m"),
+            nprobe=params.get("nprobe"),
+            rerank=params.get("rerank"),
+        )
+    return info

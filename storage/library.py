@@ -22,7 +22,7 @@ from .blobs import BlobStore, remove_stale, sha256
 from .catalog import Catalog
 from .entities import Hit, Ref, VerifyReport, VersionRecord
 from .errors import InvalidEmbedding
-from .index import IndexParams, VectorIndex, normalize, pack_ids
+from .index import IndexParams, VectorIndex, normalize, pack_ids, rebuild_params
 from .names import check_name
 
 EXACT_BELOW = 4096  # a filter leaving fewer vectors than this is answered exactly
@@ -259,14 +259,22 @@ class Library:
         idx.remove_versions(sorted({vid for op, vid in log if op == "remove"}))
         if len(vids):
             idx.add(pack_ids(vids, rows), vecs)
-        if idx.kind != self.params.kind_for(idx.ntotal) or idx.wasted() > 0.2:
-            return None  # crossed the size threshold or too many tombstones
+        if idx.needs_rebuild(self.params):
+            return None  # crossed a size threshold, too many tombstones, or delta full
         return idx, now, dirty + len(log)
 
-    def _rebuild(self, space: str) -> tuple[VectorIndex, int, int]:
+    def rebuild_index(self, space: str, params: IndexParams | None = None) -> VectorIndex:
+        """Rebuild the index of ``space`` from the catalog now and save it (offline
+        maintenance: ``skillbank index build``); ``params`` pins a kind and settings."""
+        with self._lock:
+            self._indexes.pop(space, None)
+            return self._rebuild(space, params)[0]
+
+    def _rebuild(self, space: str, params: IndexParams | None = None) -> tuple[VectorIndex, int, int]:
         _, gen, (vids, rows, vecs) = self.catalog.snapshot(space)
         dim = self.catalog.space_dims().get(space, vecs.shape[1] if len(vecs) else 1)
-        idx = VectorIndex.build(dim, pack_ids(vids, rows), vecs, self.params)
+        params = params or rebuild_params(self.index_dir, space, self.params)
+        idx = VectorIndex.build(dim, pack_ids(vids, rows), vecs, params)
         self._indexes[space] = (idx, gen, 0)
         self._save(space, force=True)
         return self._indexes[space]

@@ -1,5 +1,6 @@
 """Several processes on one bank at once: writers adding real skills while readers
-retrieve, and first opens of a fresh catalog racing to create the schema.
+retrieve, first opens of a fresh catalog racing to create the schema, and runners
+on separate "machines" sharing one PostgreSQL catalog and one blob folder.
 
 Run on SQLite and PostgreSQL (``catalog_url``). Workers are forked from a
 forkserver that preloaded torch, so each costs milliseconds, not an import.
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import traceback
 from pathlib import Path
 
@@ -156,3 +158,89 @@ def test_first_opens_race_to_create_the_schema(catalog_url, tmp_path):
         with lib.catalog.engine.connect() as conn:
             assert conn.exec_driver_sql("select count(*) from alembic_version").scalar() == 1
 
+
+
+# --- one library, many machines ----------------------------------------------------
+# Runners on separate processes (stand-ins for machines) share one PostgreSQL catalog
+# and one blob folder; each keeps its own index cache, as a machine would on local disk.
+
+# SKILLBANK_RUNNERS / SKILLBANK_RUNNER_ADDS scale it up for a soak run.
+RUNNERS = int(os.environ.get("SKILLBANK_RUNNERS", "4"))
+RUNNER_ADDS = int(os.environ.get("SKILLBANK_RUNNER_ADDS", "15"))  # a multiple of 3 keeps the names even
+
+
+def _runner(url: str, home: str, worker: int, start: mp.synchronize.Event,
+            added: mp.synchronize.Barrier) -> None:
+    torch.set_num_threads(1)
+    root = Path(home)
+    try:
+        with sb.SkillBank.open(url, blobs=root / "shared-blobs",
+                               index_dir=root / f"machine{worker}" / "index") as bank:
+            start.wait()
+            for i in range(RUNNER_ADDS):
+                seed = 10_000 * (worker + 1) + i
+                name = ("shared-a", "shared-b", f"runner{worker}")[i % 3]
+                skill = tiny_skill(seed)
+                ref = bank.add(name, skill, embedding=vector(seed), tags={"runner": str(worker)})
+                with open(root / f"runner{worker}.jsonl", "a") as fh:
+                    fh.write(json.dumps([name, ref.version, seed, sha256(skill.to_bytes())]) + "\n")
+                if i % 5 == 0:  # the local index catches up while the others keep writing
+                    bank.retrieve(vector(seed), k=1)
+            added.wait(timeout=240)
+            seen = 0
+            for other in range(RUNNERS):
+                if other == worker:
+                    continue
+                for line in (root / f"runner{other}.jsonl").read_text().splitlines():
+                    name, version, seed, digest = json.loads(line)
+                    hit = bank.retrieve(vector(seed), k=1)[0]  # by embedding, through this machine's index
+                    assert (hit.name, hit.version) == (name, version), (hit, name, version)
+                    assert bank.record(f"{name}@{version}").digest == digest
+                    assert bank.get(f"{name}@{version}").ranks == {"0": 2, "2": 2}  # blob read, re-hashed
+                    seen += 1
+        (root / f"runner{worker}.seen").write_text(str(seen))
+    except BaseException:
+        (root / f"runner{worker}.err").write_text(traceback.format_exc())
+        raise
+
+
+def test_many_runners_one_postgres_catalog_and_blob_folder(postgres_server, tmp_path):
+    """N runners add versions of shared names and their own to one PostgreSQL catalog at
+    once: numbers stay 1..n, nothing is lost, every blob verifies, and every runner
+    retrieves what the others added."""
+    db = postgres_server.create_database()
+    url = postgres_server.url(db)
+    try:
+        ctx = context()
+        start, added = ctx.Event(), ctx.Barrier(RUNNERS)
+        procs = [ctx.Process(target=_runner, args=(url, str(tmp_path), w, start, added))
+                 for w in range(RUNNERS)]
+        for p in procs:
+            p.start()
+        start.set()
+        for p in procs:
+            p.join(300)
+        errors = {f.name: f.read_text() for f in tmp_path.glob("runner*.err")}
+        assert [p.exitcode for p in procs] == [0] * RUNNERS, errors
+        rows = [json.loads(line) for w in range(RUNNERS)
+                for line in (tmp_path / f"runner{w}.jsonl").read_text().splitlines()]
+        assert len(rows) == RUNNERS * RUNNER_ADDS
+        seen = [int((tmp_path / f"runner{w}.seen").read_text()) for w in range(RUNNERS)]
+        assert seen == [(RUNNERS - 1) * RUNNER_ADDS] * RUNNERS  # each saw all the others' adds
+        with sb.SkillBank.open(url, blobs=tmp_path / "shared-blobs",
+                               index_dir=tmp_path / "auditor" / "index") as bank:
+            by_name: dict[str, list[int]] = {}
+            for name, version, _, digest in rows:
+                by_name.setdefault(name, []).append(version)
+                assert bank.record(f"{name}@{version}").digest == digest
+            assert len(by_name) == 2 + RUNNERS
+            for name, versions in by_name.items():
+                assert sorted(versions) == list(range(1, len(versions) + 1)), name  # gapless, no dups
+                assert [r.version for r in bank.versions(name)] == sorted(versions)
+            assert len(by_name["shared-a"]) == len(by_name["shared-b"]) == RUNNERS * RUNNER_ADDS // 3
+            assert sum(len(bank.versions(n)) for n in by_name) == RUNNERS * RUNNER_ADDS
+            report = bank.verify()
+            assert report == type(report)(), report  # every blob present and intact, no orphans
+            assert set(bank.library.blobs.digests()) == {d for *_, d in rows}
+    finally:
+        postgres_server.drop_database(db)

@@ -10,6 +10,7 @@ from rich.text import Text
 
 from . import render
 from .core import (
+    app,
     command,
     confirm,
     db_app,
@@ -226,3 +227,114 @@ def db_current() -> None:
     head = head_revision()
     note("up to date" if current == head else f"behind head {head}: run `skillbank db upgrade`")
     out().print(Text(current or "empty"))
+
+
+# ---------------------------------------------------------------- index
+index_app = typer.Typer(help="The retrieval index: offline builds and what the cache holds.",
+                        no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+
+def _spaces(bank, space: list[str] | None) -> list[str]:
+    known = sorted(bank.library.catalog.space_dims())
+    if not space:
+        return known
+    unknown = sorted(set(space) - set(known))
+    if unknown:
+        raise fail(f"no embedding space {', '.join(unknown)}; spaces: {', '.join(known) or 'none'}")
+    return list(dict.fromkeys(space))
+
+
+@command(index_app, name="build")
+def index_build(
+    space: list[str] | None = typer.Option(None, "--space", "-s", help="Embedding space (repeatable; default: all)."),
+    kind: str | None = typer.Option(None, "--kind", help="auto | flat | hnsw | ivfpq (default: keep a pinned "
+                                    "kind, else auto). An explicit kind is pinned until the next build."),
+    nlist: int | None = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists (default 4*sqrt(n), a power of two)."),
+    m: int | None = typer.Option(None, "--m", min=1, help="IVF-PQ bytes per code (default d/4, at most 64)."),
+    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF-PQ lists scanned per query (default 32)."),
+    rerank: int | None = typer.Option(None, "--rerank", min=0, help="Exact re-ranking of rerank x fetch PQ candidates."),
+    train_per_list: int | None = typer.Option(None, "--train-per-list", min=39, help="Training vectors per list."),
+    hnsw_m: int | None = typer.Option(None, "--hnsw-m", min=2, help="HNSW links per node."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="FAISS threads for the build."),
+    as_json: bool = JSON,
+) -> None:
+    """Rebuild the index of each space from the catalog now (offline), and save it."""
+    import dataclasses
+    import time
+
+    import faiss
+
+    from storage.index import KINDS, IndexParams, describe, rebuild_params
+
+    if kind not in (None, "auto", *KINDS):
+        raise typer.BadParameter(f"{kind!r}: expected auto, {', '.join(KINDS)}", param_hint="--kind")
+    given = {k: v for k, v in dict(nlist=nlist, pq_m=m, nprobe=nprobe, rerank=rerank,
+                                    train_per_list=train_per_list, hnsw_m=hnsw_m).items() if v is not None}
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    rows = []
+    with open_bank() as bank:
+        lib = bank.library
+        for sp in _spaces(bank, space):
+            base = IndexParams() if kind == "auto" else (
+                IndexParams(kind=kind) if kind else rebuild_params(lib.index_dir, sp, lib.params))
+            try:
+                params = dataclasses.replace(base, **given)
+            except ValueError as e:
+                raise fail(str(e)) from None
+            t = time.perf_counter()
+            idx = lib.rebuild_index(sp, params)
+            seconds = time.perf_counter() - t
+            info = describe(lib.index_dir, sp) or {}
+            rows.append({"space": sp, "kind": idx.kind, "vectors": idx.ntotal, "pinned": idx.pinned,
+                         "bytes": info.get("bytes"), "seconds": round(seconds, 3)})
+            note(f"{sp}: {idx.kind} over {idx.ntotal:,} vectors in {seconds:.1f}s")
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title="index build", title_justify="left")
+    for col in ("space", "kind", "vectors", "pinned", "bytes", "seconds"):
+        table.add_column(col, justify="right" if col in ("vectors", "bytes", "seconds") else "left")
+    for r in rows:
+        table.add_row(r["space"], r["kind"], f"{r['vectors']:,}", "yes" if r["pinned"] else "no",
+                      render.human_size(r["bytes"] or 0), f"{r['seconds']:.1f}")
+    out().print(table)
+
+
+@command(index_app, name="info")
+def index_info(as_json: bool = JSON) -> None:
+    """Kind, size, bytes on disk and catalog stamp of each space's index cache."""
+    from storage.index import describe
+
+    with open_bank() as bank:
+        lib = bank.library
+        uid, generation = lib.catalog.state()
+        rows = []
+        for sp in _spaces(bank, None):
+            info = describe(lib.index_dir, sp)
+            if info is None:
+                rows.append({"space": sp, "kind": None, "state": "none (built on the next search)"})
+                continue
+            fresh = info.get("uid") == uid and info.get("generation") == generation
+            rows.append({"space": sp, **info, "catalog_generation": generation,
+                         "state": "fresh" if fresh else "behind (caught up or rebuilt on the next search)"})
+    if as_json:
+        emit_json(rows)
+        return
+    table = Table(title=f"index ({lib.index_dir})", title_justify="left")
+    cols = ("space", "kind", "vectors", "bytes", "pinned", "stamp", "state", "settings")
+    for col in cols:
+        table.add_column(col, justify="right" if col in ("vectors", "bytes", "stamp") else "left")
+    for r in rows:
+        settings = ""
+        if r.get("kind") == "ivfpq":
+            settings = (f"nlist={r['nlist']} m={r['pq_m']} nprobe={r['nprobe']} rerank={r['rerank']} "
+                        f"delta={r['delta']:,}")
+        if r.get("tombstones"):
+            settings += f" tombstones={r['tombstones']:,}"
+        table.add_row(r["space"], r.get("kind") or "-", f"{r['ntotal']:,}" if r.get("kind") else "-",
+                      render.human_size(r["bytes"]) if r.get("kind") else "-",
+                      ("yes" if r.get("pinned") else "no") if r.get("kind") else "-",
+                      str(r.get("generation", "-")), r["state"], settings.strip())
+    out().print(table)
