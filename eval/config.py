@@ -27,7 +27,7 @@ STREAMS = {
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "continual": {"stream": "split-mnist", "learners": ["lora", "finetune", "joint", "frozen"]},
     "tta": {"stream": "corrupted-mnist", "learners": ["source", "bn_adapt", "tent", "vida"], "module": "eval.tta"},
-    "transfer": {"stream": "composite-mnist", "learners": ["compose", "expand", "lora", "output", "merge"],
+    "transfer": {"stream": "composite-mnist", "learners": ["compose", "expand", "output", "lora", "merge", "nearest"],
                  "module": "eval.transfer"},
 }
 
@@ -57,6 +57,10 @@ class BenchConfig:
     bank: str = "skills"
     out: str = "runs/main"
     resume: bool = False
+    shots: list[int] = field(default_factory=lambda: [5, 20])  # transfer: labelled images per class
+    # Processes to train and score with (continual protocol); > 1 is started by
+    # `skillbank bench --nproc N` or `torchrun --nproc-per-node N -m skillbank.cli bench`.
+    nproc: int = 1
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -74,7 +78,9 @@ class BenchConfig:
             raise sb.ConfigError(f"learner_options for learners not in the run: {sorted(set(self.learner_options) - set(self.learners))}")
         if not self.learners or not self.seeds:
             raise sb.ConfigError("name at least one learner and one seed")
-        for name in ("tasks", "rank", "epochs", "batch_size"):
+        if not self.shots or any(s <= 0 for s in self.shots):
+            raise sb.ConfigError(f"shots must be positive counts per class, got {self.shots}")
+        for name in ("tasks", "rank", "epochs", "batch_size", "nproc"):
             if getattr(self, name) <= 0:
                 raise sb.ConfigError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -114,13 +120,27 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
     ``bank`` (an open bank or a location) overrides ``cfg.bank``."""
     from rich.console import Console
 
+    from learners import distributed
+
+    created = distributed.init_from_env()  # under torchrun: join its process group (gloo on CPU, NCCL on CUDA)
+    try:
+        if cfg.nproc > 1 and not distributed.is_distributed():
+            raise sb.ConfigError(f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
+                                 f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m skillbank.cli bench`")
+        return _execute(cfg, console or Console(stderr=True), bank)
+    finally:
+        distributed.shutdown(created)
+
+
+def _execute(cfg: BenchConfig, console, bank) -> dict:
     from eval.report import print_table
     from eval.runner import bench, make_learner
-    from learners import TrainConfig
+    from learners import TrainConfig, distributed
 
-    console = console or Console(stderr=True)
     module = PROTOCOLS[cfg.protocol].get("module")
     if module is not None:
+        if distributed.is_distributed():
+            raise sb.ConfigError(f"protocol {cfg.protocol!r} runs in one process; only 'continual' uses several")
         import importlib
 
         return importlib.import_module(module).bench_protocol(cfg, bank or cfg.bank, console)
@@ -132,6 +152,9 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
     results = bench(stream, list(cfg.learners), backbone=cfg.backbone, bank=bank or cfg.bank, seeds=cfg.seeds,
                     device=cfg.device, out=cfg.out, resume=cfg.resume, pretrain_epochs=cfg.pretrain_epochs,
                     learner_kwargs=kwargs, progress=lambda msg: console.log(msg))
-    print_table(results)
-    console.print(f"results: {Path(cfg.out) / 'results.json'}; plots: {Path(cfg.out)}/*.png; skills in bank {cfg.bank}")
+    if distributed.is_main():
+        print_table(results)
+        console.print(f"results: {Path(cfg.out) / 'results.json'}; plots: {Path(cfg.out)}/*.png; "
+                      f"skills in bank {cfg.bank}" + (f"; {distributed.world_size()} processes"
+                                                      if distributed.is_distributed() else ""))
     return results

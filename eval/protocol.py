@@ -2,7 +2,9 @@
 
 Both give class-IL accuracy (prediction over every class the model knows) and
 task-IL accuracy (logits masked to the task's classes) in one pass; routing
-also reports how often a sample reached the skill of its own task.
+also reports how often a sample reached the skill of its own task. Under a
+process group each rank scores its shard of the test set (rows ``rank::world``)
+and the counts are summed, so every rank gets the single-process score.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn as nn
 
 from eval.data import Task
 from eval.metrics import class_and_task_correct, class_mask, correct
+from learners import distributed
 from skillbank import Router
 
 
@@ -29,6 +32,11 @@ def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int):
         yield x[i:i + batch_size], y[i:i + batch_size]
 
 
+def _shard(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    part = distributed.shard(len(task.y_test))
+    return task.x_test[part], task.y_test[part]
+
+
 def _to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
@@ -39,9 +47,10 @@ def score_direct(model: nn.Module, task: Task, batch_size: int = 512) -> Score:
     model.eval()
     device = next(model.parameters()).device
     cil = til = 0
-    for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
+    for xb, yb in _chunks(*_shard(task), batch_size):
         c, t = class_and_task_correct(model(_to(xb, device)).float().cpu(), yb, task.classes)
         cil, til = cil + c, til + t
+    cil, til = distributed.all_sum([cil, til])
     n = len(task.y_test)
     return Score(cil / n, til / n)
 
@@ -57,7 +66,7 @@ def score_routed(router: Router, task: Task, skill_of_task: dict[int, str], batc
     own = skill_of_task.get(task.task_id)
     device = next(router.model.parameters()).device
     cil = til = hit = 0
-    for xb, yb in _chunks(task.x_test, task.y_test, batch_size):
+    for xb, yb in _chunks(*_shard(task), batch_size):
         xb = _to(xb, device)
         routed = router(xb)
         cil += correct(routed.logits.cpu(), yb)
@@ -68,5 +77,6 @@ def score_routed(router: Router, task: Task, skill_of_task: dict[int, str], batc
             with router.disabled():
                 logits = router.model(xb).float().cpu()
         til += correct(logits, yb, class_mask(task.classes, logits.shape[1]))
+    cil, til, hit = distributed.all_sum([cil, til, hit])
     n = len(task.y_test)
     return Score(cil / n, til / n, hit / n)

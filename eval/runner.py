@@ -6,6 +6,13 @@ fill the accuracy matrix R (row 0 before any training). Routed learners are
 scored task-agnostically (each test sample routed by retrieval and run with
 ``mixed_batch``); direct ones as the model stands. A checkpoint after every
 task lets ``resume=True`` continue an interrupted run.
+
+Under ``torchrun`` (a process group is up) every rank trains the same seed on
+its shard of each batch; rank 0 alone adds the skill to the bank while the
+others wait, then all register the ref it broadcasts. Every rank has the bank
+open (rank 0 opens it first, so only it creates or migrates the schema) and
+reads it for routing; scoring is sharded over ranks and the counts summed.
+Only rank 0 writes the checkpoint and results.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from eval import backbones
 from eval.baselines import BASELINES, union
 from eval.protocol import Score, score_direct, score_routed
 from eval.streams import Stream
-from learners import Learner, create_learner, list_learners, resolve_device
+from learners import Learner, create_learner, distributed, list_learners, resolve_device
 
 
 @dataclass
@@ -73,7 +80,20 @@ def _row(model: nn.Module, learner: Learner, stream: Stream, router, skill_of_ta
 
 def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBank, seed: int, *,
              device: torch.device, run_id: str, state: SeedRun | None = None, on_task=None) -> SeedRun:
-    """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``."""
+    """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``.
+
+    The global RNG (adapter inits draw from it) is seeded with ``seed`` for the
+    run, inside a fork: a seed's run is reproducible, and every rank of a process
+    group starts its adapters where one process would.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _run_seed(stream, learner, base, bank, seed, device=device, run_id=run_id, state=state,
+                         on_task=on_task)
+
+
+def _run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBank, seed: int, *,
+              device: torch.device, run_id: str, state: SeedRun | None, on_task) -> SeedRun:
     state = state or SeedRun()
     learner = learner.with_train(seed=seed, device=str(device))
     model = copy.deepcopy(base).to(device).eval()
@@ -104,7 +124,8 @@ def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBa
             state.bytes.append(state.bytes[0])
         else:
             skill = learner.fit(model, task, bank)
-            ref = _bank_skill(bank, stream, learner, task, skill, model, seed, tags)
+            ref = distributed.on_main(  # one writer; the other ranks wait for its ref
+                lambda task=task, skill=skill: _bank_skill(bank, stream, learner, task, skill, model, seed, tags))
             router.register(ref, learner.adapter_name(task), skill)
             state.params.append(skill.num_params)
             state.bytes.append(bank.record(ref).size)
@@ -209,10 +230,12 @@ def bench(stream: Stream, learners: list[str | Learner], *, backbone: str | nn.M
     _validate(stream, objs, backbone)
     dev = resolve_device(device)
     own_bank = not isinstance(bank, sb.SkillBank)
-    bank = bank if isinstance(bank, sb.SkillBank) else sb.SkillBank.open(bank or "skills")
+    if own_bank:
+        with distributed.main_first():  # rank 0 creates the catalog and its schema
+            bank = sb.SkillBank.open(bank or "skills")
     out = Path(out) if out is not None else None
     ckpt = _load_checkpoint(out, resume)
-    run_id = ckpt.get("run_id") or uuid.uuid4().hex[:12]
+    run_id = distributed.broadcast(ckpt.get("run_id") or uuid.uuid4().hex[:12])  # tags must agree across ranks
     try:
         base = _prepare_backbone(backbone, stream, dev, epochs=pretrain_epochs)
         results: dict[str, RunResult] = {}
@@ -225,13 +248,13 @@ def bench(stream: Stream, learners: list[str | Learner], *, backbone: str | nn.M
                     def save(st, key=key):
                         _save_checkpoint(out, run_id, key, st, ckpt)
 
-                    if progress is not None:
+                    if progress is not None and distributed.is_main():
                         progress(f"{learner.name} seed {seed}")
                     state = run_seed(stream, learner, base, bank, seed, device=dev, run_id=run_id, state=state,
                                      on_task=save)
                 runs.append(state)
             results[learner.name] = RunResult(learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev))
-        if out is not None:
+        if out is not None and distributed.is_main():
             from eval.report import write_results
 
             write_results(results, out, extra={"run_id": run_id, "backbone": str(backbone)})
@@ -249,7 +272,7 @@ def _load_checkpoint(out: Path | None, resume: bool) -> dict:
 
 
 def _save_checkpoint(out: Path | None, run_id: str, key: str, state: SeedRun, ckpt: dict) -> None:
-    if out is None:
+    if out is None or not distributed.is_main():
         return
     out.mkdir(parents=True, exist_ok=True)
     ckpt["run_id"] = run_id

@@ -4,7 +4,9 @@ Learners differ in how they parameterise the adapter, what they add to the
 loss and what they do after each step; those are hooks (``prepare``,
 ``penalty``, ``after_step``, ``finish``). Everything else (device, bf16
 autocast on CUDA, pinned memory, seeds, LoRA+ groups, schedule, clipping, the
-NaN guard, progress) lives here once.
+NaN guard, progress) lives here once. Under a process group (``torchrun``) each
+rank trains on its shard of every global batch and the gradients of the
+trainable parameters are summed across ranks (see ``learners.distributed``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 import skillbank as sb
 from skillbank import SkillbankError
 
+from . import distributed
+
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
@@ -32,11 +36,11 @@ class TrainingError(SkillbankError, RuntimeError):
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device 'cuda' was asked for but CUDA is not available")
-    return dev
+    return distributed.device(dev)  # under a process group: this rank's GPU
 
 
 @dataclass(frozen=True)
@@ -76,15 +80,30 @@ def freeze_norm_statistics(model: nn.Module) -> None:
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
     """Endless shuffled batches; pinned and copied without blocking on CUDA."""
+    for xb, yb, _ in shards(x, y, batch_size, generator, device, part=lambda n: slice(None)):
+        yield xb, yb
+
+
+def shards(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device,
+           part=None):
+    """Endless shuffled global batches, as ``(x, y, global batch size)`` of this rank's part.
+
+    Every rank draws the same seeded permutation, so the parts (``part(n)``, by
+    default ``distributed.shard``: rows ``rank::world``) of one global batch add up
+    to the batch one process would take.
+    """
+    part = part or distributed.shard
     pin = device.type == "cuda"
     while True:
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
+            n = len(idx)
+            idx = idx[part(n)]
             xb, yb = x[idx], y[idx]
             if pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
-            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            yield xb.to(device, non_blocking=True), yb.to(device, non_blocking=True), n
 
 
 def class_mask(classes, n_classes: int, device) -> torch.Tensor:
@@ -122,6 +141,8 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
     if not groups:
         raise TrainingError("nothing to train: no parameter of the model requires grad")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    distributed.broadcast_tensors(params)  # every rank starts from rank 0's trainable weights, as DDP does
     total = cfg.steps or cfg.epochs * math.ceil(len(x) / cfg.batch_size)
 
     def lr_factor(step: int) -> float:
@@ -137,35 +158,44 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
     model.train()
     freeze_norm_statistics(model)
     losses: list[float] = []
-    data = batches(x, y, cfg.batch_size, gen, device)
+    data = shards(x, y, cfg.batch_size, gen, device)
+    world = distributed.world_size()
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
-                  disable=not cfg.progress, transient=True) as bar:
+                  disable=not (cfg.progress and distributed.is_main()), transient=True) as bar:
         job = bar.add_task(desc, total=total, loss=float("nan"))
         for step in range(total):
-            xb, yb = next(data)
-            if transform is not None:
+            xb, yb, n = next(data)
+            if transform is not None and len(xb):
                 xb = transform(xb)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                logits = model(xb)
-                if classes is not None:
-                    mask = class_mask(classes, logits.shape[-1], logits.device) if mask is None else mask
-                    logits = logits + mask
-                loss = F.cross_entropy(logits.float(), yb)
+                if len(yb):
+                    logits = model(xb)
+                    if classes is not None:
+                        mask = class_mask(classes, logits.shape[-1], logits.device) if mask is None else mask
+                        logits = logits + mask
+                    # this rank's share of the global mean, so that summing over ranks gives the mean
+                    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+                    loss = (F.cross_entropy(logits, yb) if len(yb) == n
+                            else F.cross_entropy(logits, yb, reduction="sum") / n)
+                else:  # more ranks than rows in a short last batch
+                    loss = torch.zeros((), device=device)
                 extra = penalty(model) if penalty is not None else None
                 if extra is not None:
-                    loss = loss + extra
-            if not torch.isfinite(loss):
-                raise TrainingError(f"{desc}: loss became {loss.item()} at step {step}; no skill was written")
+                    loss = loss + (extra / world if world > 1 else extra)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(yb) or loss.requires_grad:  # an empty shard without a penalty has nothing to add
+                loss.backward()
+            value = distributed.sync_gradients(params, loss)  # the global loss; grads summed over ranks
+            if not torch.isfinite(value):  # the same verdict on every rank
+                raise TrainingError(f"{desc}: loss became {value.item()} at step {step}; no skill was written")
             if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             if after_step is not None:
                 after_step(model, step, total)
-            losses.append(loss.item())
+            losses.append(value.item())
             bar.update(job, advance=1, loss=losses[-1])
     model.eval()
     return losses
