@@ -1,0 +1,302 @@
+"""The continual test-time adaptation protocol (CoTTA / ViDA), ``bench --protocol tta``.
+
+Per seed: a source model is pretrained on the clean source split (cached,
+``eval.backbones.pretrain`` with that seed); every method then adapts a copy of
+it online over the corruption stream (15 domains at severity 5 in CoTTA order
+by default), batch by batch, without labels and without a reset between
+domains; each domain's images in one fixed shuffled order (``shuffled``: the data
+are stored sorted by class, CoTTA's test sets are not). Each domain's test labels only score the predictions made on the fly.
+Reported: error per domain and the mean, per method, mean and std over seeds,
+as ``results.json``, a rich table, ``table.md`` and ``tta_error.png``.
+
+Lifelong record: with a bank, a method that offers ``domain_skill`` (ViDA with
+``bank_skills``) has its adapted state banked at the end of every domain with
+that domain's example embedding (bare source features) and tags naming the
+source model; with ``retrieve`` a domain starts from the closest banked skill
+of the same source model when it is close enough (retrieve, then adapt).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import skillbank as sb
+from eval.streams import Stream
+from learners.tta import TTAMethod, create_method, online
+
+SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
+         "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
+         "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
+         "pixelate": "pixel", "jpeg_compression": "jpeg"}
+
+
+@dataclass
+class TTARun:
+    """One method over one stream, one seed."""
+
+    errors: list[float] = field(default_factory=list)  # per domain, in stream order
+    seconds: list[float] = field(default_factory=list)  # adaptation time per domain
+    skills: list[str] = field(default_factory=list)  # bank refs of the domain skills ("" when not banked)
+    retrieved: list[str] = field(default_factory=list)  # the skill each domain started from ("" if none)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_error(self) -> float:
+        return float(np.mean(self.errors))
+
+
+def shuffled(stream: Stream, seed: int) -> Stream:
+    """Each domain's test set in one fixed random order (the same for every method).
+
+    The evaluation data keep each split sorted by class; CoTTA's streams (the
+    CIFAR-10-C / ImageNet-C test sets) are not. A class-sorted stream is a much
+    harder, non-i.i.d. setting (batches of a single class), so the protocol
+    shuffles within each domain, never across domains.
+    """
+    tasks = []
+    for i, t in enumerate(stream):
+        order = torch.randperm(len(t.x_test), generator=torch.Generator().manual_seed(seed * 1000 + i))
+        tasks.append(replace(t, x_test=t.x_test[order], y_test=t.y_test[order]))
+    return Stream(tuple(tasks), stream.scenario, stream.n_classes, stream.source, stream.name)
+
+
+def domain_name(task) -> str:
+    return str(task.metadata.get("corruption", task.name))
+
+
+def run_stream(method: TTAMethod, model: nn.Module, stream: Stream, *, batch_size: int = 64,
+               bank: sb.SkillBank | None = None, tags: dict[str, str] | None = None, log=None,
+               label: str | None = None) -> TTARun:
+    """Adapt ``method`` online over every domain of ``stream`` in order (no reset), from a
+    copy of ``model``; per-domain error from predictions made before each batch's labels
+    are ever looked at (the loop gets inputs only)."""
+    if not isinstance(stream, Stream) or stream.scenario != "tta":
+        raise sb.ConfigError("the tta protocol needs a test-time adaptation stream (e.g. eval.streams.corrupted)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise sb.ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    tags = dict(tags or {})
+    method.setup(copy.deepcopy(model), stream.source)
+    run = TTARun(notes=list(method.notes))
+    banks = bank is not None and getattr(method, "bank_skills", False) and hasattr(method, "domain_skill")
+    for task in stream:
+        start = time.perf_counter()
+        hit = None
+        if bank is not None and getattr(method, "retrieve", False) and hasattr(method, "start_from_bank"):
+            hit = method.start_from_bank(bank, task.x_test[:batch_size], where={"source": tags.get("source", "")})
+        preds = online(method, task.x_test, batch_size)
+        run.seconds.append(time.perf_counter() - start)
+        run.errors.append(float((preds != task.y_test).float().mean()))  # scoring only, after the fact
+        run.retrieved.append(f"{hit.name}@{hit.version}" if hit else "")
+        ref = ""
+        if banks:
+            ref = bank_domain(bank, method, stream, task, tags, label)
+        run.skills.append(ref)
+        if log is not None:
+            log(f"{method.name} {domain_name(task)}: error {100 * run.errors[-1]:.1f}%"
+                + (f" (from {run.retrieved[-1]})" if hit else ""))
+    return run
+
+
+def bank_domain(bank: sb.SkillBank, method, stream: Stream, task, tags: dict[str, str], label: str | None = None) -> str:
+    """Bank the method's adapted state for ``task`` with the domain's example embedding;
+    named after ``label`` (default: the method's name; ':' becomes '+')."""
+    label = (label or method.name).replace(":", "+")
+    skill = method.domain_skill(f"{stream.name}-{method.name}-{task.name}",
+                                {"task": task.name, "domain": domain_name(task)})
+    emb = method.domain_embedding(task.x_test, centres=4)
+    seed = tags.get("seed", "0")
+    ref = bank.add(f"{stream.name}-{label}-s{seed}-{task.name}", skill, embedding=emb,
+                   description=f"{method.name} adapted state after domain {domain_name(task)} of {stream.name}",
+                   tags={**tags, "domain": domain_name(task)}, learner=method.name, embed_text=False)
+    return str(ref)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def method_for(label: str, seed: int, device: str, options: dict[str, Any]) -> TTAMethod:
+    """``label`` is a method name, or ``name:variant`` for a second configuration of one
+    (e.g. ``vida:aug`` with its own ``learner_options`` entry)."""
+    return create_method(label.split(":", 1)[0], seed=seed, device=device, **options)
+
+
+def _methods(cfg) -> dict[str, dict[str, Any]]:
+    """Per-method options, every name and option checked before any data is loaded."""
+    opts = {n: dict(cfg.learner_options.get(n, {})) for n in cfg.learners}
+    for n, o in opts.items():
+        method_for(n, 0, cfg.device, o)
+    return opts
+
+
+def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[str, Any]:
+    """``skillbank bench --protocol tta``: every method over the stream for every seed."""
+    from rich.console import Console
+
+    from eval import backbones
+    from eval.config import STREAMS, build_stream
+    from learners import resolve_device
+
+    console = console or Console(stderr=True)
+    if len(set(cfg.learners)) != len(cfg.learners):
+        raise sb.ConfigError("each method may appear once per run")
+    opts = _methods(cfg)
+    backbones.check_name(cfg.backbone)
+    if cfg.stream not in STREAMS:
+        raise sb.ConfigError(f"unknown stream {cfg.stream!r} for the tta protocol; use 'corrupted-mnist'")
+    dev = resolve_device(cfg.device)
+    stream = build_stream(cfg)
+    if stream.scenario != "tta":
+        raise sb.ConfigError(f"stream {cfg.stream!r} is not a test-time adaptation stream; use 'corrupted-mnist'")
+    stream = shuffled(stream, cfg.data_seed)
+    own = bank is not None and not isinstance(bank, sb.SkillBank)
+    bank = sb.SkillBank.open(bank) if own else bank
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # These models are tiny: per-op threading costs more than it gives, and on a
+        # shared, busy machine 2 threads ran a vit_micro forward 40x slower than 1.
+        torch.set_num_threads(int(os.environ.get("SKILLBANK_TTA_THREADS", "1")))
+    out = Path(cfg.out)
+    run_id = uuid.uuid4().hex[:12]
+    runs: dict[str, list[TTARun]] = {n: [] for n in cfg.learners}
+    sources: list[dict[str, Any]] = []
+    try:
+        for seed in cfg.seeds:
+            kw = {} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}
+            model = backbones.pretrain(cfg.backbone, stream.source, seed=seed, device=str(dev),
+                                       num_classes=stream.n_classes, **kw)
+            info = model.pretrain_info
+            sources.append({"seed": seed, "key": info["key"], "clean_test_acc": info["test_acc"]})
+            console.log(f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)")
+            tags = {"run": run_id, "seed": str(seed), "stream": stream.name, "source": info["key"],
+                    "protocol": "tta"}
+            for name in cfg.learners:
+                method = method_for(name, seed, cfg.device, opts[name])
+                t0 = time.perf_counter()
+                run = run_stream(method, model, stream, batch_size=cfg.batch_size, bank=bank,
+                                 tags={**tags, "method": name}, label=name)
+                runs[name].append(run)
+                console.log(f"{name} seed {seed}: mean error {100 * run.mean_error:.1f}% "
+                            f"({time.perf_counter() - t0:.0f} s)")
+            doc = results_doc(cfg, stream, runs, sources, str(dev), run_id)
+            write(doc, out, plot=False)
+    finally:
+        torch.set_num_threads(threads)
+        if own:
+            bank.close()
+    write(doc, out)
+    console.print(table(doc))
+    console.print(f"results: {out / 'results.json'}; table: {out / 'table.md'}; plot: {out / 'tta_error.png'}")
+    return doc
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    arr = np.asarray(values, dtype=float)
+    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [float(v) for v in arr]}
+
+
+def results_doc(cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, device: str, run_id: str) -> dict:
+    from eval.report import versions
+
+    domains = [domain_name(t) for t in stream]
+    seeds = list(cfg.seeds)[:max(len(r) for r in runs.values())]
+    methods = {}
+    for name, rs in runs.items():
+        if not rs:
+            continue
+        err = np.asarray([r.errors for r in rs])
+        methods[name] = {
+            "mean_error": _stats(err.mean(1).tolist()),
+            "error_per_domain": {"mean": err.mean(0).tolist(), "std": err.std(0).tolist()},
+            "errors": err.tolist(), "seconds": [float(np.sum(r.seconds)) for r in rs],
+            "skills": [r.skills for r in rs], "retrieved": [r.retrieved for r in rs],
+            "notes": sorted({n for r in rs for n in r.notes}),
+        }
+    return {"protocol": "tta", "stream": stream.name, "order": "shuffled within each domain (seed: data_seed)", "domains": domains, "n_per_domain": len(stream[0].x_test),
+            "backbone": cfg.backbone, "batch_size": cfg.batch_size, "seeds": seeds, "device": device,
+            "run_id": run_id, "learner_options": cfg.learner_options, "sources": sources,
+            "methods": methods, "goals": goals(methods), "versions": versions()}
+
+
+def goals(methods: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals for ViDA, measured (only when ViDA, Tent and source ran)."""
+    if not {"vida", "source"} <= set(methods):  # variants (vida:...) are reported, not judged
+        return {}
+    v, s = methods["vida"], methods["source"]
+    gap = np.asarray(v["error_per_domain"]["mean"]) - np.asarray(s["error_per_domain"]["mean"])
+    out = {"vida_mean_error": v["mean_error"]["mean"], "source_mean_error": s["mean_error"]["mean"],
+           "relative_reduction_vs_source": 1 - v["mean_error"]["mean"] / s["mean_error"]["mean"],
+           "worst_domain_gap_vs_source": float(gap.max())}
+    out["met_20pct_below_source"] = out["relative_reduction_vs_source"] >= 0.2
+    out["met_no_domain_2pts_worse"] = out["worst_domain_gap_vs_source"] <= 0.02
+    if "tent" in methods:
+        out["met_le_tent"] = v["mean_error"]["mean"] <= methods["tent"]["mean_error"]["mean"]
+    return out
+
+
+def write(doc: dict, out: Path, plot: bool = True) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.replace(out / "results.json")
+    (out / "table.md").write_text(markdown(doc) + "\n")
+    if plot:
+        plot_errors(doc, out / "tta_error.png")
+
+
+def _cols(doc: dict) -> list[str]:
+    return [SHORT.get(d, d) for d in doc["domains"]]
+
+
+def table(doc: dict):
+    """Rich table: error (%) per domain (mean over seeds) and the mean ± std over seeds."""
+    from rich.table import Table
+
+    t = Table(title=f"{doc['stream']}: online error (%) per domain, {doc['backbone']}, "
+                    f"{len(doc['seeds'])} seed(s), batch {doc['batch_size']}, no reset")
+    t.add_column("method")
+    for c in _cols(doc) + ["mean"]:
+        t.add_column(c, justify="right")
+    for name, m in doc["methods"].items():
+        t.add_row(name, *[f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"]],
+                  f"{100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f}")
+    return t
+
+
+def markdown(doc: dict) -> str:
+    head = "| method | " + " | ".join(_cols(doc)) + " | mean |"
+    rows = [head, "|---" * (len(doc["domains"]) + 2) + "|"]
+    for name, m in doc["methods"].items():
+        rows.append(f"| {name} | " + " | ".join(f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"])
+                    + f" | {100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f} |")
+    return "\n".join(rows)
+
+
+def plot_errors(doc: dict, path: Path) -> Path:
+    """Error per domain (in stream order) per method, mean over seeds with a std band."""
+    from eval.plots import _pyplot, _save
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(len(doc["domains"]))
+    for name, m in doc["methods"].items():
+        mean = 100 * np.asarray(m["error_per_domain"]["mean"])
+        std = 100 * np.asarray(m["error_per_domain"]["std"])
+        ax.plot(x, mean, marker="o", label=f"{name} (mean {100 * m['mean_error']['mean']:.1f})")
+        ax.fill_between(x, mean - std, mean + std, alpha=0.15)
+    ax.set_xticks(x, _cols(doc), rotation=45)
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{doc['stream']}, online, no reset ({len(doc['seeds'])} seeds)")
+    ax.legend(fontsize=8)
+    return _save(plt, fig, path)

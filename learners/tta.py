@@ -1,0 +1,271 @@
+"""Test-time adaptation: the online loop every method shares, and the baselines.
+
+A method adapts a model to an unlabelled stream, one batch at a time, and
+predicts each batch as it goes (continual TTA: no reset between domains, no
+labels ever). ``online(method, x)`` is the loop; a method supplies ``setup``
+(take the source model) and ``step`` (adapt on a batch, return its logits).
+Gradient methods (Tent, ViDA) share ``GradientMethod.step``: an ``objective``
+gives the loss and the prediction, the shared code takes the optimizer step
+(with the NaN guard) and calls ``after_update`` (ViDA's teacher update).
+
+Baselines: ``SourceOnly`` (the source model as is), ``BNAdapt`` (batch-norm
+statistics re-estimated on the test batches), ``Tent`` (entropy minimisation
+on the affine parameters of the norm layers).
+
+Norm layers and BN-adapt: a LayerNorm ViT has no running statistics (each
+token is normalised by its own mean and variance at train and test time
+alike), so BN-adapt has nothing to re-estimate there and equals source-only;
+``BNAdapt.setup`` records that in ``notes``. It adapts models with batch norms
+(e.g. a timm ResNet backbone). Tent works on any norm layer's affine
+parameters (LayerNorm, GroupNorm, BatchNorm); on batch norms it also
+normalises with the test batch's statistics, as Tent does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+import skillbank as sb
+
+from .base import TrainingError, resolve_device
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def _is_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, NORMS)]
+
+
+def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Weights and biases of every norm layer (what Tent trains)."""
+    return [p for m in norm_layers(model) for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)]
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row."""
+    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``logits`` against the soft prediction softmax(``target_logits``), per row."""
+    return -(target_logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+@dataclass
+class TTAMethod:
+    """An online test-time adaptation method; ``online`` drives it.
+
+    ``setup(model, source)`` takes the source model (the method owns it from
+    then on; pass a copy to keep yours) and optionally the labelled source
+    task (for a warm-up). ``step(x)`` adapts on one unlabelled batch and
+    returns its logits. ``notes`` collects facts worth reporting.
+    """
+
+    name: ClassVar[str] = "tta"
+
+    seed: int = 0
+    device: str = "auto"
+    notes: list[str] = field(default_factory=list, init=False, repr=False)
+    model: nn.Module | None = field(default=None, init=False, repr=False)
+
+    def setup(self, model: nn.Module, source=None) -> None:
+        if not isinstance(model, nn.Module):
+            raise sb.ConfigError(f"{self.name}: setup needs an nn.Module, got {type(model).__name__}")
+        self.model = model.to(resolve_device(self.device)).eval()
+        self.model.requires_grad_(False)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x)
+
+    @property
+    def predictor(self) -> nn.Module:
+        """The module whose output is the prediction (ViDA: the teacher)."""
+        return self.model
+
+    def _require_setup(self) -> None:
+        if self.model is None:
+            raise sb.ConfigError(f"{self.name}: call setup(model) before adapting")
+
+
+def online(method: TTAMethod, x: torch.Tensor, batch_size: int = 64,
+           on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run ``method`` over the unlabelled stream ``x`` in order; the predicted labels (CPU).
+
+    The one online loop: batches in stream order, one ``step`` each, no labels
+    anywhere. ``on_batch(i, logits)`` sees each batch's prediction.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        raise sb.ConfigError("online() takes a floating-point tensor of inputs (N x ...), and only that")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise sb.ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    method._require_setup()
+    device = next(method.predictor.parameters()).device
+    preds = []
+    for i, xb in enumerate(x.split(batch_size)):
+        logits = method.step(xb.to(device, non_blocking=True))
+        if on_batch is not None:
+            on_batch(i, logits)
+        preds.append(logits.argmax(1).cpu())
+    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+@dataclass
+class SourceOnly(TTAMethod):
+    """The source model, unchanged."""
+
+    name: ClassVar[str] = "source"
+
+
+@dataclass
+class BNAdapt(TTAMethod):
+    """Batch norms normalise with the test batch and fold it into their running statistics.
+
+    ``momentum`` replaces each batch norm's momentum (None: a cumulative average
+    over all test batches seen). Other norm layers have no statistics to
+    re-estimate: on a model without batch norms this is source-only (noted).
+    """
+
+    name: ClassVar[str] = "bn_adapt"
+
+    momentum: float | None = 0.1
+
+    def __post_init__(self) -> None:
+        if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
+            raise sb.ConfigError(f"bn_adapt: momentum must be in (0, 1] or None, got {self.momentum}")
+
+    def setup(self, model: nn.Module, source=None) -> None:
+        super().setup(model, source)
+        bns = [m for m in self.model.modules() if _is_bn(m)]
+        if not bns:
+            self.notes.append("no batch-norm layers: nothing to re-estimate, BN-adapt equals source-only")
+        for m in bns:
+            m.train()  # batch statistics in the forward, running statistics updated
+            m.momentum = self.momentum
+
+
+@dataclass
+class GradientMethod(TTAMethod):
+    """Shared by methods that take one optimizer step per batch.
+
+    Subclasses give ``trainable(model)`` (the parameter groups), ``objective(x)``
+    -> (loss, logits to predict with) and optionally ``after_update()``.
+    """
+
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    opt: torch.optim.Optimizer | None = field(default=None, init=False, repr=False)
+    steps: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise sb.ConfigError(f"{self.name}: lr must be positive, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise sb.ConfigError(f"{self.name}: optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+    def trainable(self, model: nn.Module) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_update(self) -> None:
+        pass
+
+    def make_optimizer(self) -> None:
+        groups = [g for g in self.trainable(self.model) if g["params"]]
+        if not groups:
+            raise sb.ConfigError(f"{self.name}: the model has no parameter this method can adapt")
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        if self.optimizer == "adam":
+            self.opt = torch.optim.Adam(groups, lr=self.lr, betas=(0.9, 0.999))
+        else:
+            self.opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        self._require_setup()
+        if self.opt is None:
+            self.make_optimizer()
+        loss, logits = self.objective(x)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"{self.name}: loss became {loss.item()} at test batch {self.steps}")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.after_update()
+        self.steps += 1
+        return logits.detach()
+
+
+@dataclass
+class Tent(GradientMethod):
+    """Tent (Wang et al., 2021): minimise the prediction entropy by training only
+    the norm layers' affine parameters; predictions are that forward's output."""
+
+    name: ClassVar[str] = "tent"
+
+    lr: float = 1e-3
+
+    def setup(self, model: nn.Module, source=None) -> None:
+        super().setup(model, source)
+        for m in self.model.modules():
+            if _is_bn(m):  # test-batch statistics, as in Tent
+                m.train()
+                m.track_running_stats = False
+                m.running_mean = m.running_var = None
+        self.opt = None
+
+    def trainable(self, model: nn.Module) -> list[dict[str, Any]]:
+        return [{"params": norm_affine_parameters(model)}]
+
+    def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(x)
+        return softmax_entropy(logits).mean(), logits
+
+
+TTA_METHODS: dict[str, type[TTAMethod]] = {}
+
+
+def register_method(cls: type[TTAMethod]) -> type[TTAMethod]:
+    TTA_METHODS[cls.name] = cls
+    return cls
+
+
+for _cls in (SourceOnly, BNAdapt, Tent):
+    register_method(_cls)
+
+
+def list_methods() -> list[str]:
+    return sorted(TTA_METHODS)
+
+
+def create_method(name: str, **kwargs: Any) -> TTAMethod:
+    """A TTA method by registered name; unknown names or options raise ConfigError."""
+    if name not in TTA_METHODS:
+        raise sb.ConfigError(f"unknown test-time adaptation method {name!r}; choose from {list_methods()}")
+    cls = TTA_METHODS[name]
+    known = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise sb.ConfigError(f"{name}: unknown options {unknown}; known: {sorted(known)}")
+    return cls(**kwargs)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A private copy for a method (the caller's model stays as it was)."""
+    return copy.deepcopy(model)

@@ -1,0 +1,294 @@
+"""Test-time adaptation: the online loop, Source/BN-adapt/Tent, ViDA, banking, the protocol."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+import skillbank as sb
+from eval import streams
+from eval.backbones import create_backbone
+from eval.data import digits
+from eval.tta import run_stream
+from learners import BNAdapt, SourceOnly, Tent, ViDA, create_method, online
+from learners.tta import norm_affine_parameters
+from learners.vida import HIGH, LOW, allot, augment, ema_update, uncertainty
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    data = digits(seed=0, source_fraction=0.3)
+    return streams.corrupted(data, corruptions=["gaussian_noise", "fog"], severity=5, seed=0)
+
+
+@pytest.fixture
+def nano():
+    torch.manual_seed(0)
+    return create_backbone("vit_nano", img_size=8, num_classes=10).eval()
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 10)).eval()
+
+
+def small_vida(**kw):
+    return ViDA(**{"high_rank": 4, "views": 3, "warmup_steps": 0, "device": "cpu", **kw})
+
+
+def x8(n=16, seed=0):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_allot_both_branches_and_uncertainty():
+    assert allot(0.1, 0.05) == pytest.approx((0.9, 1.1))  # uncertain: lean on the high-rank adapter
+    assert allot(0.01, 0.05) == pytest.approx((1.01, 0.99))  # confident: lean on the low-rank one
+    assert allot(0.05, 0.05) == pytest.approx((0.95, 1.05))  # the threshold itself counts as uncertain
+    assert allot(3.0, 0.05) == (0.0, 2.0)  # clipped: no negative scale
+    same = torch.randn(1, 4, 10).expand(5, 4, 10)
+    assert uncertainty(same) == 0.0
+    views = torch.randn(6, 4, 10)
+    assert uncertainty(views, 0.1) == pytest.approx(0.1 * float(views.var(0).mean()), rel=1e-6)
+
+
+def test_ema_math():
+    t, s = [torch.ones(3), torch.zeros(2)], [torch.zeros(3), torch.ones(2)]
+    ema_update(t, s, 0.9)
+    assert torch.allclose(t[0], torch.full((3,), 0.9)) and torch.allclose(t[1], torch.full((2,), 0.1))
+
+
+def test_augment_is_batched_and_bounded():
+    x = x8(4)
+    v = augment(x, 5, torch.Generator().manual_seed(0))
+    assert v.shape == (20, 1, 8, 8) and 0.0 <= float(v.min()) and float(v.max()) <= 1.0
+    assert not torch.equal(v[:4], v[4:8])
+
+
+# --------------------------------------------------------------------------- ViDA
+
+
+def test_vida_starts_as_source_and_teacher_is_ema(nano):
+    src = copy.deepcopy(nano)
+    x = x8()
+    vida = small_vida(ema=0.9, lr=1e-2)
+    vida.setup(copy.deepcopy(nano))
+    assert {LOW, HIGH} <= set(sb.adapter_names(vida.model))
+    layers = sb.adapter_layers(vida.model)
+    assert all(float(layer.lora_B[n].detach().abs().sum()) == 0 for layer in layers for n in (LOW, HIGH))
+    assert {layer.ranks[LOW] for layer in layers} == {1} and {layer.ranks[HIGH] for layer in layers} == {4}
+    before = {k: v.clone() for k, v in vida.teacher.state_dict().items()}
+    with torch.no_grad():
+        expected = src(x)
+    logits = vida.step(x)  # B = 0: the first prediction is the source model's
+    assert torch.allclose(logits, expected, atol=1e-5)
+    lo, hi = vida.scales
+    assert sorted([lo, hi]) == pytest.approx([1 - min(vida.last_uncertainty, 1), 1 + min(vida.last_uncertainty, 1)])
+    student = dict(vida.model.named_parameters())
+    moved = 0
+    for k, p in vida.teacher.named_parameters():
+        if "lora_" in k:  # teacher = 0.9 * old teacher + 0.1 * updated student
+            assert torch.allclose(p, 0.9 * before[k] + 0.1 * student[k], atol=1e-6)
+            moved += int(not torch.equal(p, before[k]))
+        else:
+            assert torch.equal(p, before[k])  # frozen backbone
+    assert moved > 0
+
+
+def test_vida_warmup_and_backbone_option(nano, stream):
+    src = copy.deepcopy(nano)
+    vida = small_vida(warmup_steps=3, warmup_augment=0.5, train_backbone=True)
+    source = replace(stream.source, x_train=stream.source.x_train[:128], y_train=stream.source.y_train[:128])
+    vida.setup(copy.deepcopy(nano), source)
+    assert any(float(layer.lora_B[HIGH].detach().abs().sum()) > 0 for layer in sb.adapter_layers(vida.model))
+    vida.step(x8())
+    groups = vida.opt.param_groups
+    assert [g["lr"] for g in groups] == [1e-4, 1e-5]
+    assert not torch.equal(vida.model.state_dict()["head.weight"], src.state_dict()["head.weight"])
+
+
+def test_domain_skill_roundtrip_and_retrieval(nano, stream, tmp_path):
+    vida = small_vida(lr=1e-2, bank_skills=True)
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        run = run_stream(vida, nano, stream, batch_size=64, bank=bank, tags={"seed": "0", "source": "m0"})
+        assert len(run.skills) == 2 and all(run.skills)
+        rec = bank.get(run.skills[0])
+        assert rec.metadata["vida"]["ranks"] == [1, 4]
+        assert rec.ranks and set(rec.ranks.values()) == {5}
+        # the banked skill is a plain LoRA too: attached, it reproduces the teacher at s_l = s_h = 1
+        last = bank.get(run.skills[1])
+        vida._set_scales(vida._teacher_layers, (1.0, 1.0))
+        plain = copy.deepcopy(nano)
+        sb.attach(plain, last)
+        x = stream[1].x_test[:8]
+        with torch.no_grad():
+            assert torch.allclose(plain(x), vida.teacher(x), atol=1e-4)
+        # a later visit of domain 0 retrieves its skill and starts from it
+        again = small_vida(retrieve=True, min_score=0.9)
+        again.setup(copy.deepcopy(nano))
+        hit = again.start_from_bank(bank, stream[0].x_test[:64], where={"source": "m0"})
+        assert hit is not None and f"{hit.name}@{hit.version}" == run.skills[0]
+        got = again.domain_skill("x")
+        for site, (a, b) in got.factors.items():
+            assert torch.allclose(a, rec.factors[site][0]) and torch.allclose(b, rec.factors[site][1], atol=1e-6)
+        assert again.start_from_bank(bank, stream[0].x_test[:64], where={"source": "other"}) is None
+        with pytest.raises(sb.ConfigError, match="not a ViDA skill"):
+            again.load_skill(replace(rec, metadata={}))
+
+
+def test_fit_contract_leaves_model_alone(nano, stream):
+    before = copy.deepcopy(nano.state_dict())
+    task = replace(stream[0], x_test=stream[0].x_test[:32], y_test=stream[0].y_test[:32])
+    skill = small_vida().fit(nano, task)
+    assert isinstance(skill, sb.Skill) and skill.name == task.name
+    assert not sb.adapter_names(nano)
+    assert all(torch.equal(v, before[k]) for k, v in nano.state_dict().items())
+
+
+# --------------------------------------------------------------------------- baselines and the loop
+
+
+def test_tent_updates_only_norm_affine(nano):
+    tent = Tent(device="cpu", lr=1e-2)
+    tent.setup(copy.deepcopy(nano))
+    before = {k: v.clone() for k, v in tent.model.named_parameters()}
+    tent.step(x8())
+    norm_ids = {id(p) for p in norm_affine_parameters(tent.model)}
+    changed = [k for k, p in tent.model.named_parameters() if not torch.equal(p, before[k])]
+    assert changed and all(id(dict(tent.model.named_parameters())[k]) in norm_ids for k in changed)
+
+
+def test_bn_adapt_reestimates_statistics():
+    model = bn_model()
+    bn = BNAdapt(device="cpu")
+    bn.setup(copy.deepcopy(model))
+    params = {k: v.clone() for k, v in bn.model.named_parameters()}
+    mean0 = bn.model[1].running_mean.clone()
+    online(bn, x8(32) * 3 + 1, batch_size=16)
+    assert not torch.equal(bn.model[1].running_mean, mean0) and not bn.notes
+    assert all(torch.equal(p, params[k]) for k, p in bn.model.named_parameters())
+
+
+def test_bn_adapt_on_layernorm_vit_is_source_only(nano):
+    x = x8()
+    bn, src = BNAdapt(device="cpu"), SourceOnly(device="cpu")
+    bn.setup(copy.deepcopy(nano))
+    src.setup(copy.deepcopy(nano))
+    assert bn.notes and "equals source-only" in bn.notes[0]
+    assert torch.equal(online(bn, x), online(src, x))
+
+
+def test_tent_on_batchnorm_uses_batch_statistics():
+    tent = Tent(device="cpu")
+    tent.setup(bn_model())
+    assert tent.model[1].training and tent.model[1].running_mean is None
+    tent.step(x8())
+
+
+def test_online_loop_never_sees_labels(nano, stream):
+    seen = []
+
+    class Spy(SourceOnly):
+        def step(self, x):
+            seen.append(x)
+            return super().step(x)
+
+    spy = Spy(device="cpu")
+    spy.setup(copy.deepcopy(nano))
+    x = stream[0].x_test[:40]
+    online(spy, x, batch_size=16)
+    assert [len(b) for b in seen] == [16, 16, 8] and torch.equal(torch.cat(seen), x)
+    with pytest.raises(sb.ConfigError):
+        online(spy, stream[0].y_test)  # labels are not inputs
+    # shuffled labels change the score, never the adaptation: ViDA ends in the same state
+    small = streams.Stream(tuple(replace(t, x_test=t.x_test[:48], y_test=t.y_test[:48]) for t in stream),
+                           "tta", stream.n_classes, stream.source, "s")
+    g = torch.Generator().manual_seed(1)
+    wrong = streams.Stream(tuple(replace(t, y_test=t.y_test[torch.randperm(48, generator=g)]) for t in small),
+                           "tta", stream.n_classes, stream.source, "s")
+    states = []
+    for s in (small, wrong):
+        v = small_vida(lr=1e-2)
+        run_stream(v, nano, s, batch_size=16)
+        states.append(v.teacher.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_bad_inputs(nano):
+    for bad in ({"views": 1}, {"low_rank": 4, "high_rank": 4}, {"ema": 1.0}, {"lr": 0.0}, {"high_rank": 0},
+                {"min_score": 0.0}, {"targets": ()}, {"warmup_steps": -1}, {"warmup_augment": 2.0}):
+        with pytest.raises(sb.ConfigError):
+            small_vida(**bad)
+    with pytest.raises(sb.ConfigError, match="unknown test-time"):
+        create_method("nope")
+    with pytest.raises(sb.ConfigError, match="unknown options"):
+        create_method("tent", rank=3)
+    with pytest.raises(sb.ConfigError, match="setup"):
+        online(SourceOnly(), x8())
+    with pytest.raises(sb.ConfigError, match="batch_size"):
+        s = SourceOnly(device="cpu")
+        s.setup(copy.deepcopy(nano))
+        online(s, x8(), batch_size=0)
+    with pytest.raises(sb.ConfigError):
+        small_vida(targets=("nothing.here",)).setup(copy.deepcopy(nano))
+    with pytest.raises(sb.ConfigError):
+        small_vida(high_rank=64).setup(copy.deepcopy(nano))  # rank above the 32-wide embedding
+    with pytest.raises(sb.ConfigError):
+        Tent(device="cpu").setup("not a model")
+
+
+# --------------------------------------------------------------------------- the protocol
+
+
+def test_bench_protocol_small(tmp_path, monkeypatch, stream):
+    import eval.config as config
+    from eval.config import BenchConfig
+    from eval.tta import bench_protocol
+
+    small = streams.Stream(tuple(replace(t, x_test=t.x_test[:64], y_test=t.y_test[:64]) for t in stream),
+                           "tta", stream.n_classes, stream.source, "tiny")
+    monkeypatch.setattr(config, "build_stream", lambda cfg: small)
+    monkeypatch.setenv("SKILLBANK_CACHE", str(tmp_path / "cache"))
+    cfg = BenchConfig(protocol="tta", backbone="vit_nano", pretrain_epochs=1, seeds=[0], device="cpu",
+                      out=str(tmp_path / "out"), batch_size=32,
+                      learners=["source", "bn_adapt", "tent", "vida", "vida:frozen"],
+                      learner_options={"vida": {"high_rank": 4, "views": 2, "warmup_steps": 2},
+                                       "vida:frozen": {"high_rank": 4, "warmup_steps": 2, "adapt": False,
+                                                       "bank_skills": False}})
+    doc = bench_protocol(cfg, str(tmp_path / "bank"))
+    assert set(doc["methods"]) == {"source", "bn_adapt", "tent", "vida", "vida:frozen"}
+    assert len(doc["methods"]["vida"]["errors"][0]) == 2 and "met_le_tent" in doc["goals"]
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "tta_error.png").is_file()
+    assert "| vida |" in (tmp_path / "out" / "table.md").read_text()
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        assert len(bank.list()) == 2
+    with pytest.raises(sb.ConfigError, match="unknown options"):
+        bench_protocol(replace(cfg, learner_options={"vida": {"bogus": 1}}), None)
+
+
+def test_shuffled_keeps_pairs_and_domain_order(stream):
+    from eval.tta import shuffled
+
+    s = shuffled(stream, 0)
+    assert [t.name for t in s] == [t.name for t in stream]
+    for a, b in zip(stream, s, strict=True):
+        assert not torch.equal(a.y_test, b.y_test) and sorted(a.y_test.tolist()) == sorted(b.y_test.tolist())
+        i = int((a.x_test.flatten(1) == b.x_test[0].flatten()).all(1).nonzero()[0])  # pairs stay together
+        assert a.y_test[i] == b.y_test[0]
+    assert all(torch.equal(a.x_test, b.x_test) for a, b in zip(s, shuffled(stream, 0), strict=True))
