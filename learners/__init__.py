@@ -19,8 +19,20 @@ from .base import (
 )
 from .increlora import IncreLoRA
 from .orthogonal import Orthogonal, subspace_overlap
+from .psec import PSEC
 from .rank_selective import RankSelective
 from .slicing import select_ranks, truncate
+from .tta import (
+    TTA_METHODS,
+    BNAdapt,
+    SourceOnly,
+    Tent,
+    TTAMethod,
+    create_method,
+    list_methods,
+    online,
+)
+from .vida import ViDA
 
 REGISTRY: dict[str, type[Learner]] = {}
 
@@ -30,7 +42,7 @@ def register(cls: type[Learner]) -> type[Learner]:
     return cls
 
 
-for _cls in (LoRALearner, RankSelective, Orthogonal, IncreLoRA):
+for _cls in (LoRALearner, RankSelective, Orthogonal, IncreLoRA, PSEC):
     register(_cls)
 
 
@@ -52,15 +64,25 @@ def create_learner(name: str, train: TrainConfig | dict | None = None, **kwargs:
 __all__ = [
     "DEFAULT_TARGETS",
     "REGISTRY",
+    "TTA_METHODS",
+    "BNAdapt",
     "IncreLoRA",
     "Learner",
     "LoRALearner",
     "Orthogonal",
+    "PSEC",
     "RankSelective",
+    "SourceOnly",
+    "TTAMethod",
+    "Tent",
     "TrainConfig",
     "TrainingError",
+    "ViDA",
     "create_learner",
+    "create_method",
     "list_learners",
+    "list_methods",
+    "online",
     "register",
     "resolve_device",
     "select_ranks",

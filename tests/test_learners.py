@@ -181,8 +181,11 @@ LEARNERS = {
 }
 
 
+COVERED_ELSEWHERE = {"psec"}  # composes banked skills: tests/test_psec.py
+
+
 def test_every_registered_learner_is_covered():
-    assert set(REGISTRY) <= {k.split("-")[0] for k in LEARNERS}
+    assert set(REGISTRY) - COVERED_ELSEWHERE <= {k.split("-")[0] for k in LEARNERS}
     assert isinstance(create_learner("rank_selective", train={"steps": 3}), RankSelective)
 
 
