@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .entities import Hit, Ref, VerifyReport, VersionRecord
+from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
 from .errors import (
     BaseMismatch,
     CorruptFile,
@@ -51,6 +51,7 @@ __all__ = [
     "VectorIndex",
     "VerifyReport",
     "VersionRecord",
+    "NewVersion",
 ]
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.orm import Session
 
 from . import query, writes
-from .entities import Ref, VersionRecord
+from .entities import NewVersion, Ref, VersionRecord
 from .errors import InvalidEmbedding, SkillExists, SkillNotFound
 from .faults import crash_point
 from .index import MAX_ROWS
@@ -101,16 +101,8 @@ class Catalog:
         name: str,
         digest: str,
         size: int,
+        new: NewVersion,
         *,
-        ranks: Mapping[str, int] | None = None,
-        targets: Iterable[str] | None = None,
-        base: Mapping[str, Any] | None = None,
-        learner: str = "",
-        config: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        parents: Iterable[str | Ref] = (),
         embeddings: Mapping[str, np.ndarray] | None = None,
         allow_base_change: bool = False,
         before_commit: Callable[[], object] | None = None,
@@ -126,26 +118,27 @@ class Catalog:
         ``on_checked`` once the version passed its checks (see ``writes``).
         """
         name = check_name(name)
-        tag_items = [check_tag(k, v) for k, v in (tags or {}).items()]
+        tag_items = [check_tag(k, v) for k, v in (new.tags or {}).items()]
         embeddings = dict(embeddings or {})
         for space, vecs in embeddings.items():
             check_name(space)
             if not 0 < len(vecs) <= MAX_ROWS:
                 raise InvalidEmbedding(f"space {space!r}: 1..{MAX_ROWS} vectors per version")
+        base = dict(new.base or {})
         fields = dict(
             digest=digest,
             size=int(size),
-            ranks={str(k): int(v) for k, v in (ranks or {}).items()},
-            targets=list(targets or []),
-            base=dict(base or {}),
-            base_id=fingerprint_id(dict(base or {})),
-            learner=str(learner),
-            config=dict(config or {}),
-            metrics=dict(metrics or {}),
-            description=str(description),
+            ranks={str(k): int(v) for k, v in (new.ranks or {}).items()},
+            targets=list(new.targets or []),
+            base=base,
+            base_id=fingerprint_id(base),
+            learner=str(new.learner),
+            config=dict(new.config or {}),
+            metrics=dict(new.metrics or {}),
+            description=str(new.description),
             spaces=sorted(embeddings),
         )
-        parent_refs = list(parents)
+        parent_refs = list(new.parents or ())
         for attempt in range(ADD_RETRIES):
             try:
                 with session_scope(self.engine, write=True) as s:

@@ -6,6 +6,7 @@ can lazy-load, expire or write back behind their back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -20,6 +21,25 @@ class Ref:
 
     def __str__(self) -> str:
         return f"{self.name}@{self.version}"
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    """What describes a version being added; its blob and embeddings travel beside it.
+
+    Declared once here, so the library, the catalog and the write path pass it
+    whole instead of forwarding each field by name.
+    """
+
+    ranks: Mapping[str, int] = field(default_factory=dict)
+    targets: Sequence[str] = ()
+    base: Mapping[str, Any] = field(default_factory=dict)
+    learner: str = ""
+    config: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    parents: Sequence[str | Ref] = ()
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 
 from .blobs import BlobStore, remove_stale, sha256
 from .catalog import Catalog
-from .entities import Hit, Ref, VerifyReport, VersionRecord
+from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
 from .errors import InvalidEmbedding
 from .index import IndexParams, VectorIndex, normalize, pack_ids, rebuild_params
 from .names import check_name
@@ -96,19 +96,15 @@ class Library:
         name: str,
         data: bytes,
         *,
-        ranks: Mapping[str, int] | None = None,
-        targets: Iterable[str] | None = None,
-        base: Mapping[str, Any] | None = None,
-        learner: str = "",
-        config: Mapping[str, Any] | None = None,
-        metrics: Mapping[str, Any] | None = None,
-        description: str = "",
-        tags: Mapping[str, str] | None = None,
-        parents: Iterable[str | Ref] = (),
         embeddings: Mapping[str, Any] | None = None,
         allow_base_change: bool = False,
+        **fields: Any,
     ) -> Ref:
-        """Store the blob durably, then commit the next version of ``name``."""
+        """Store the blob durably, then commit the next version of ``name``.
+
+        ``fields`` are those of ``NewVersion`` (ranks, targets, base, learner,
+        config, metrics, description, tags, parents)."""
+        new = NewVersion(**fields)
         check_name(name)
         vecs = {}
         for space, value in (embeddings or {}).items():
@@ -133,15 +129,7 @@ class Library:
                 name,
                 sha256(data),
                 len(data),
-                ranks=ranks,
-                targets=targets,
-                base=base,
-                learner=learner,
-                config=config,
-                metrics=metrics,
-                description=description,
-                tags=tags,
-                parents=parents,
+                new,
                 embeddings=vecs,
                 allow_base_change=allow_base_change,
                 before_commit=blob_durable,
