@@ -136,6 +136,16 @@ def threads_for(n_queries: int) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
+def replace_file(path: Path, data: bytes, crash_at: str | None = None) -> None:
+    """Write ``data`` to a temp file beside ``path`` (unique per process and thread),
+    then rename it over ``path``: readers see the old file or the new, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    if crash_at is not None:
+        crash_point(crash_at)
+    os.replace(tmp, path)
+
+
 class VectorIndex:
     """A FAISS index plus the set of removed versions it must never return."""
 
@@ -271,12 +281,8 @@ class VectorIndex:
         and ``load`` refuses a pair that does not match.
         """
         directory.mkdir(parents=True, exist_ok=True)
-        target, meta = directory / f"{space}.faiss", directory / f"{space}.json"
         raw = faiss.serialize_index(self.index).tobytes()
-        tmp = directory / f".{space}.faiss.{os.getpid()}-{threading.get_ident()}.tmp"
-        tmp.write_bytes(raw)
-        crash_point("index.write")
-        os.replace(tmp, target)
+        replace_file(directory / f"{space}.faiss", raw, crash_at="index.write")
         crash_point("index.meta")
         full = {
             **stamp,
@@ -288,9 +294,7 @@ class VectorIndex:
             "pinned": self.pinned,
             "params": self.params.to_dict(),
         }
-        tmp_meta = directory / f".{space}.json.{os.getpid()}-{threading.get_ident()}.tmp"
-        tmp_meta.write_text(json.dumps(full))
-        os.replace(tmp_meta, meta)
+        replace_file(directory / f"{space}.json", json.dumps(full).encode())
         from .ivf import prune
 
         prune(directory, space)  # IVF-PQ bases of an earlier kind, once past their grace

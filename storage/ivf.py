@@ -25,7 +25,6 @@ import json
 import mmap
 import os
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -35,7 +34,7 @@ import faiss
 import numpy as np
 
 from .faults import crash_point
-from .index import FLAT, IVFPQ, IndexParams, VectorIndex, stamp_params, version_of
+from .index import FLAT, IVFPQ, IndexParams, VectorIndex, replace_file, stamp_params, version_of
 
 MIN_BASE = 1024  # fewer vectors than this: everything stays in the exact delta
 DELTA_CAP = 100_000  # rebuild once the delta holds more than max(MIN_BASE, min(base, this))
@@ -224,10 +223,7 @@ class IVFPQIndex(VectorIndex):
         if base is not None and not base.is_dir():
             return
         raw = faiss.serialize_index(self.delta.index).tobytes()
-        suffix = f"{os.getpid()}-{threading.get_ident()}.tmp"
-        tmp = directory / f".{space}.delta.faiss.{suffix}"
-        tmp.write_bytes(raw)
-        os.replace(tmp, directory / f"{space}.delta.faiss")
+        replace_file(directory / f"{space}.delta.faiss", raw)
         crash_point("index.meta")
         full = {
             **stamp,
@@ -244,9 +240,7 @@ class IVFPQIndex(VectorIndex):
             "pinned": self.pinned,
             "params": self.params.to_dict(),
         }
-        tmp_meta = directory / f".{space}.json.{suffix}"
-        tmp_meta.write_text(json.dumps(full))
-        os.replace(tmp_meta, directory / f"{space}.json")
+        replace_file(directory / f"{space}.json", json.dumps(full).encode())
         self._prune(directory, space)
 
     def base_bytes(self, directory: Path, space: str) -> dict[str, int]:
