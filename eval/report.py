@@ -18,11 +18,21 @@ if TYPE_CHECKING:
     from eval.runner import RunResult
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def stats(values: list[float]) -> dict[str, Any]:
+    """Mean, std and the per-seed values (undefined ones skipped in the mean, null in JSON)."""
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if not len(arr):
         return {"mean": None, "std": None, "per_seed": [None] * len(values)}
     return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [_clean(v) for v in values]}
+
+
+def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
+    """``doc`` as JSON at ``path``, atomically (temp file beside it, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=indent))
+    tmp.replace(path)
+    return path
 
 
 def _clean(v: Any) -> Any:
@@ -37,13 +47,13 @@ def _clean(v: Any) -> Any:
 def learner_metrics(result: RunResult) -> dict[str, Any]:
     """Metrics per seed, with mean and std: the summary of R, task-IL ACC, routing, cost."""
     per_seed = [metrics.summary(np.asarray(r.R)) for r in result.runs]
-    out = {k: _stats([m[k] for m in per_seed]) for k in per_seed[0]}
-    out["acc_task_il"] = _stats([metrics.acc(np.asarray(r.R_task)) for r in result.runs])
-    out["routing"] = _stats([r.routing[-1] for r in result.runs])
-    out["retention"] = _stats([r.retention[-1] if r.retention else None for r in result.runs])
-    out["params_per_skill"] = _stats([float(np.mean(r.params)) if r.params else 0.0 for r in result.runs])
-    out["bytes_per_skill"] = _stats([float(np.mean(r.bytes)) if r.bytes else 0.0 for r in result.runs])
-    out["train_seconds"] = _stats([float(np.sum(r.seconds)) for r in result.runs])
+    out = {k: stats([m[k] for m in per_seed]) for k in per_seed[0]}
+    out["acc_task_il"] = stats([metrics.acc(np.asarray(r.R_task)) for r in result.runs])
+    out["routing"] = stats([r.routing[-1] for r in result.runs])
+    out["retention"] = stats([r.retention[-1] if r.retention else None for r in result.runs])
+    out["params_per_skill"] = stats([float(np.mean(r.params)) if r.params else 0.0 for r in result.runs])
+    out["bytes_per_skill"] = stats([float(np.mean(r.bytes)) if r.bytes else 0.0 for r in result.runs])
+    out["train_seconds"] = stats([float(np.sum(r.seconds)) for r in result.runs])
     return out
 
 
@@ -80,9 +90,7 @@ def write_results(results: dict[str, RunResult], out: str | Path, extra: dict | 
             for name, r in results.items()
         },
     }
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", doc)
     from eval.plots import plot_all
 
     plot_all(results, out)

@@ -274,9 +274,8 @@ def _load_checkpoint(out: Path | None, resume: bool) -> dict:
 def _save_checkpoint(out: Path | None, run_id: str, key: str, state: SeedRun, ckpt: dict) -> None:
     if out is None or not distributed.is_main():
         return
-    out.mkdir(parents=True, exist_ok=True)
+    from eval.report import write_json
+
     ckpt["run_id"] = run_id
     ckpt.setdefault("runs", {})[key] = {k: getattr(state, k) for k in SeedRun.__dataclass_fields__}
-    tmp = out / ".checkpoint.json.tmp"
-    tmp.write_text(json.dumps(ckpt))
-    tmp.replace(out / "checkpoint.json")
+    write_json(out / "checkpoint.json", ckpt, indent=None)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import time
 import uuid
 from dataclasses import replace
@@ -225,11 +224,9 @@ def write(results: dict[str, Any], out: Path, console) -> None:
     from rich.table import Table
 
     from eval.plots import _pyplot, _save
+    from eval.report import write_json
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "results.json")
+    write_json(out / "results.json", results)
     shots = results["shots"]
     table = Table(title=f"few-shot transfer to {' and '.join(results['target'])}: accuracy % (mean ± std over seeds)")
     table.add_column("target")

@@ -19,7 +19,6 @@ of the same source model when it is close enough (retrieve, then adapt).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 import uuid
@@ -200,13 +199,8 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
     return doc
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
-    arr = np.asarray(values, dtype=float)
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [float(v) for v in arr]}
-
-
 def results_doc(cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, device: str, run_id: str) -> dict:
-    from eval.report import versions
+    from eval.report import stats, versions
 
     domains = [domain_name(t) for t in stream]
     seeds = list(cfg.seeds)[:max(len(r) for r in runs.values())]
@@ -216,7 +210,7 @@ def results_doc(cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, dev
             continue
         err = np.asarray([r.errors for r in rs])
         methods[name] = {
-            "mean_error": _stats(err.mean(1).tolist()),
+            "mean_error": stats(err.mean(1).tolist()),
             "error_per_domain": {"mean": err.mean(0).tolist(), "std": err.std(0).tolist()},
             "errors": err.tolist(), "seconds": [float(np.sum(r.seconds)) for r in rs],
             "skills": [r.skills for r in rs], "retrieved": [r.retrieved for r in rs],
@@ -245,10 +239,9 @@ def goals(methods: dict[str, Any]) -> dict[str, Any]:
 
 
 def write(doc: dict, out: Path, plot: bool = True) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(out / "results.json")
+    from eval.report import write_json
+
+    write_json(out / "results.json", doc)
     (out / "table.md").write_text(markdown(doc) + "\n")
     if plot:
         plot_errors(doc, out / "tta_error.png")
