@@ -51,14 +51,14 @@ def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in norm_layers(model) for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)]
 
 
-def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of softmax(logits) per row."""
-    return -(logits.softmax(1) * logits.log_softmax(1)).sum(1)
-
-
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of ``logits`` against the soft prediction softmax(``target_logits``), per row."""
     return -(target_logits.softmax(1) * logits.log_softmax(1)).sum(1)
+
+
+def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) per row (Tent's loss)."""
+    return soft_cross_entropy(logits, logits)
 
 
 @dataclass

@@ -283,19 +283,15 @@ class ViDA(GradientMethod):
         (scale 1), so ``attach`` gives a plain rank r_l + r_h LoRA at s_l = s_h = 1."""
         if self.teacher is None:
             raise sb.ConfigError("vida: nothing adapted yet; call setup(model) first")
-        low = sb.Skill.from_model(self.teacher, LOW)
-        high = sb.Skill.from_model(self.teacher, HIGH)
-        factors = {}
-        for site, (a_l, b_l) in low.factors.items():
-            a_h, b_h = high.factors[site]
-            factors[site] = (torch.cat([a_l, a_h]), torch.cat([b_l * low.scales[site], b_h * high.scales[site]], 1))
+        branches = [sb.Skill.from_model(self.teacher, n) for n in (LOW, HIGH)]
+        skill = sb.compose(branches, [1.0, 1.0], method="cat", name=name)  # exact: factors side by side
         r = self.low_rank + self.high_rank
-        config = sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets, init="gaussian").to_dict()
-        meta = {"learner": self.name, "vida": {"ranks": [self.low_rank, self.high_rank],
-                                                "last_scales": list(self.scales),
-                                                "backbone_trained": self.train_backbone},
-                **(metadata or {})}
-        return sb.Skill(name, factors, dict.fromkeys(factors, 1.0), config, low.fingerprint, metadata=meta)
+        skill.config = sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets, init="gaussian").to_dict()
+        skill.metadata = {"learner": self.name, "vida": {"ranks": [self.low_rank, self.high_rank],
+                                                         "last_scales": list(self.scales),
+                                                         "backbone_trained": self.train_backbone},
+                          **(metadata or {})}
+        return skill
 
     def load_skill(self, skill: sb.Skill) -> None:
         """Start from ``skill`` (made by ``domain_skill``): both branches of student and
