@@ -78,28 +78,21 @@ def freeze_norm_statistics(model: nn.Module) -> None:
             m.eval()
 
 
-def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
-    """Endless shuffled batches; pinned and copied without blocking on CUDA."""
-    for xb, yb, _ in shards(x, y, batch_size, generator, device, part=lambda n: slice(None)):
-        yield xb, yb
+def shards(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
+    """Endless shuffled global batches, as ``(x, y, global batch size)`` of this rank's part;
+    pinned and copied without blocking on CUDA.
 
-
-def shards(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device,
-           part=None):
-    """Endless shuffled global batches, as ``(x, y, global batch size)`` of this rank's part.
-
-    Every rank draws the same seeded permutation, so the parts (``part(n)``, by
-    default ``distributed.shard``: rows ``rank::world``) of one global batch add up
-    to the batch one process would take.
+    Every rank draws the same seeded permutation, so the parts (``distributed.shard``:
+    rows ``rank::world``, all rows in one process) of one global batch add up to the
+    batch one process would take.
     """
-    part = part or distributed.shard
     pin = device.type == "cuda"
     while True:
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), batch_size):
             idx = order[i:i + batch_size]
             n = len(idx)
-            idx = idx[part(n)]
+            idx = idx[distributed.shard(n)]
             xb, yb = x[idx], y[idx]
             if pin:
                 xb, yb = xb.pin_memory(), yb.pin_memory()
