@@ -110,6 +110,18 @@ class Composition(nn.Module):
             self.train(was)
 
 
+def attach_skills(model: nn.Module, bank: sb.SkillBank, refs: list[str], prefix: str,
+                  head: str) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor]]:
+    """Attach the skills ``refs`` frozen and inactive as ``<prefix>-k<i>``; their adapter
+    names and stacked heads. Nothing stays active, so only a composition uses them."""
+    skills = [bank.get(r) for r in refs]
+    names = [f"{prefix}-k{i}" for i in range(len(refs))]
+    for n, s in zip(names, skills, strict=True):
+        sb.attach(model, s, n, load_head=False, activate=False)
+    sb.set_active(model, [])
+    return names, stack_heads(skills, model, head)
+
+
 def stack_heads(skills: list[sb.Skill], model: nn.Module, head: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Head weights (K, C, D) and biases (K, C) of ``skills``; the model's own head stands
     in for a skill stored without one."""
@@ -204,14 +216,9 @@ class PSEC(Learner):
 
     def build(self, model: nn.Module, task, bank: sb.SkillBank, refs: list[str], name: str) -> Composition:
         """Attach the skills (frozen, inactive) and a fresh compositor over them."""
-        skills = [bank.get(r) for r in refs]
-        names = [f"{name}-k{i}" for i in range(len(refs))]
-        for n, s in zip(names, skills, strict=True):
-            sb.attach(model, s, n, load_head=False, activate=False)
-        sb.set_active(model, [])
+        names, heads = attach_skills(model, bank, refs, name, self.head)
         for p in model.parameters():
             p.requires_grad_(False)
-        heads = stack_heads(skills, model, self.head)
         d = heads[0].shape[-1]
         context = None
         if self.context == "task":
@@ -259,17 +266,12 @@ def restore(model: nn.Module, skill: sb.Skill, bank: sb.SkillBank, head: str = "
     if not isinstance(meta, dict):
         raise sb.ConfigError(f"skill {skill.name!r} was not made by PSEC (no 'psec' metadata)")
     refs = list(meta["skills"])
-    skills = [bank.get(r) for r in refs]
-    names = [f"{skill.name}-k{i}" for i in range(len(refs))]
-    for n, s in zip(names, skills, strict=True):
-        sb.attach(model, s, n, load_head=False, activate=False)
-    heads = stack_heads(skills, model, head)
+    names, heads = attach_skills(model, bank, refs, skill.name, head)
     d, c = heads[0].shape[-1], heads[0].shape[1]
     comp_state = {k[len("compositor."):]: v for k, v in skill.extras.items() if k.startswith("compositor.")}
     compositor = Compositor(d, len(refs), int(meta["hidden"]), meta["weighting"])
     compositor.load_state_dict(comp_state)
     residual = None
-    sb.set_active(model, [])
     if meta["mode"] == "expand":
         sb.attach(model, skill, skill.name, load_head=False)
         residual = nn.Linear(d, c)
