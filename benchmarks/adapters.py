@@ -27,8 +27,17 @@ TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 def build(embed_dim: int, depth: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
-                             num_classes=10, embed_dim=embed_dim, depth=depth, num_heads=3)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=3,
+    )
 
 
 def train_step(model, x, y, opt):
@@ -52,7 +61,9 @@ def race(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--embed-dim", type=int, default=192)
@@ -67,19 +78,30 @@ def main() -> None:
 
     ours = copy.deepcopy(base)
     sb.add_adapter(ours, "a", sb.LoRAConfig(rank=8, alpha=16, targets=TARGETS))
-    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    peft = get_peft_model(
+        copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS)
+    )
     full = copy.deepcopy(base)
     for m in (ours, peft):
         for p in m.parameters():
             if p.requires_grad:
-                torch.nn.init.normal_(p, std=0.02)  # trained-looking B, so nothing is skipped as zero
+                torch.nn.init.normal_(
+                    p, std=0.02
+                )  # trained-looking B, so nothing is skipped as zero
 
-    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-            for k, m in (("ours", ours), ("peft", peft), ("full", full))}
+    opts = {
+        k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+        for k, m in (("ours", ours), ("peft", peft), ("full", full))
+    }
     for m in (ours, peft, full):
         m.train()
-    train = race({k: (lambda m=m, o=opts[k]: train_step(m, x, y, o))
-                  for k, m in (("ours", ours), ("peft", peft), ("full", full))}, args.reps)
+    train = race(
+        {
+            k: (lambda m=m, o=opts[k]: train_step(m, x, y, o))
+            for k, m in (("ours", ours), ("peft", peft), ("full", full))
+        },
+        args.reps,
+    )
 
     def infer(model):
         with torch.inference_mode():
@@ -87,7 +109,10 @@ def main() -> None:
 
     # unmerged: our layers run the adapter branch in train mode (timm's ViT has no dropout here)
     base.eval(), peft.eval(), ours.train()
-    unmerged = race({"base": lambda: infer(base), "ours": lambda: infer(ours), "peft": lambda: infer(peft)}, args.reps)
+    unmerged = race(
+        {"base": lambda: infer(base), "ours": lambda: infer(ours), "peft": lambda: infer(peft)},
+        args.reps,
+    )
     ours.eval()
     merged = race({"base": lambda: infer(base), "ours": lambda: infer(ours)}, args.reps)
 
@@ -111,15 +136,23 @@ def main() -> None:
 
     mixed = race({"base": lambda: infer(base), "ours": ours_mixed, "peft": peft_mixed}, args.reps)
 
-    table = Table(title=f"adapters: ViT d={args.embed_dim} depth={args.depth}, batch {args.batch}, r=8, "
-                        f"{args.threads} threads, median of {args.reps}")
+    table = Table(
+        title=f"adapters: ViT d={args.embed_dim} depth={args.depth}, batch {args.batch}, r=8, "
+        f"{args.threads} threads, median of {args.reps}"
+    )
     for col in ("measure", "ours ms", "peer ms", "ratio", "goal", "met"):
         table.add_column(col, justify="right" if col != "measure" else "left")
 
     def row(label, a, b, goal=None):
         r = a / b
-        table.add_row(label, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{r:.3f}",
-                      f"<= {goal}" if goal else "-", ("yes" if r <= goal else "NO") if goal else "-")
+        table.add_row(
+            label,
+            f"{a * 1e3:.1f}",
+            f"{b * 1e3:.1f}",
+            f"{r:.3f}",
+            f"<= {goal}" if goal else "-",
+            ("yes" if r <= goal else "NO") if goal else "-",
+        )
 
     row("train step / PEFT", train["ours"], train["peft"], 0.9)
     row("train step / full fine-tune", train["ours"], train["full"])

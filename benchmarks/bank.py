@@ -282,10 +282,22 @@ def bench_skill_add(n: int) -> None:
     with tempfile.TemporaryDirectory() as tmp, sb.SkillBank.open(tmp) as bank:
         t = time.perf_counter()
         for i in range(n):
-            bank.add(f"skill-{i % 50}", skills[i % 16], embedding=vecs[i], tags={"i": str(i)}, embed_text=False)
+            bank.add(
+                f"skill-{i % 50}",
+                skills[i % 16],
+                embedding=vecs[i],
+                tags={"i": str(i)},
+                embed_text=False,
+            )
         rate = n / (time.perf_counter() - t)
         size = len(skills[0].to_bytes())
-    row("catalog", f"SkillBank.add() per second (real skills, {size} B)", f"{rate:,.0f} /s", ">=100/s", rate >= 100)
+    row(
+        "catalog",
+        f"SkillBank.add() per second (real skills, {size} B)",
+        f"{rate:,.0f} /s",
+        ">=100/s",
+        rate >= 100,
+    )
 
 
 def load_avg() -> str:
@@ -309,7 +321,10 @@ def exact_topk(x: np.ndarray, q: np.ndarray, k: int, chunk: int = 1_000_000) -> 
 def bench_scale(n: int, d: int, args: argparse.Namespace) -> None:
     """IVF-PQ at ``n`` synthetic vectors: build here, measure in a fresh process (mmap)."""
     sec = f"ivfpq {n / 1e6:g}M"
-    print(f"\n== IVF-PQ scale, n={n:,}, d={d} (synthetic mixture of Gaussians), load {load_avg()}", flush=True)
+    print(
+        f"\n== IVF-PQ scale, n={n:,}, d={d} (synthetic mixture of Gaussians), load {load_avg()}",
+        flush=True,
+    )
     row(sec, "load average at start (1/5/15 min)", load_avg())
     t = time.perf_counter()
     x = clustered(n, d, seed=0)
@@ -317,22 +332,40 @@ def bench_scale(n: int, d: int, args: argparse.Namespace) -> None:
     print(f"  data generated in {time.perf_counter() - t:.1f}s", flush=True)
     t = time.perf_counter()
     truth = exact_topk(x, queries, 5)
-    row(sec, f"exact ground truth, {len(queries)} queries (chunked)", f"{time.perf_counter() - t:.1f} s")
+    row(
+        sec,
+        f"exact ground truth, {len(queries)} queries (chunked)",
+        f"{time.perf_counter() - t:.1f} s",
+    )
     exact = faiss.IndexFlatIP(d)
     exact.add(x[: min(n, 1_000_000)])
     with threads_for(1):
         e50, _ = latencies(lambda q: exact.search(q[None], 5), queries[:20])
     exact.reset()
-    row(sec, "exact FAISS one query p50 ms (1 thread)", f"{e50 * n / min(n, 1_000_000):.1f}",
-        "measured on 1M, scaled" if n > 1_000_000 else "")
-    params = IndexParams(kind="ivfpq", nlist=args.nlist, pq_m=args.pq_m, nprobe=args.nprobe,
-                         rerank=args.rerank, train_per_list=args.train_per_list)
+    row(
+        sec,
+        "exact FAISS one query p50 ms (1 thread)",
+        f"{e50 * n / min(n, 1_000_000):.1f}",
+        "measured on 1M, scaled" if n > 1_000_000 else "",
+    )
+    params = IndexParams(
+        kind="ivfpq",
+        nlist=args.nlist,
+        pq_m=args.pq_m,
+        nprobe=args.nprobe,
+        rerank=args.rerank,
+        train_per_list=args.train_per_list,
+    )
     t = time.perf_counter()
     idx = VectorIndex.build(d, pack_ids(np.arange(n) + 1, np.zeros(n, np.int64)), x, params)
     build = time.perf_counter() - t
     nlist, m = idx.nlist, int(idx.base.pq.M)
     n_train = min(n, params.train_per_list * nlist)
-    row(sec, f"build: train {n_train:,} + add ({faiss.omp_get_max_threads()} threads)", f"{build:.1f} s")
+    row(
+        sec,
+        f"build: train {n_train:,} + add ({faiss.omp_get_max_threads()} threads)",
+        f"{build:.1f} s",
+    )
     row(sec, "settings: nlist / pq m (bytes) / nbits", f"{nlist} / {m} / {params.nbits}")
     home = Path(args.scale_dir or tempfile.mkdtemp(prefix="skillbank-scale-")) / f"n{n}"
     shutil.rmtree(home, ignore_errors=True)
@@ -340,8 +373,13 @@ def bench_scale(n: int, d: int, args: argparse.Namespace) -> None:
     idx.save(home, "examples", {"uid": "bench", "generation": n})
     row(sec, "save (write + fsync, then map)", f"{time.perf_counter() - t:.1f} s")
     sizes = idx.base_bytes(home, "examples")
-    row(sec, "disk: IVF-PQ lists (codes+ids) / ids / vectors", " / ".join(
-        f"{sizes[f] / 2**20:,.0f} MiB" for f in ("index.faiss", "ids.npy", "vectors.npy")))
+    row(
+        sec,
+        "disk: IVF-PQ lists (codes+ids) / ids / vectors",
+        " / ".join(
+            f"{sizes[f] / 2**20:,.0f} MiB" for f in ("index.faiss", "ids.npy", "vectors.npy")
+        ),
+    )
     del idx, x
     np.save(home / "queries.npy", queries)
     np.save(home / "truth.npy", truth)
@@ -351,16 +389,29 @@ def bench_scale(n: int, d: int, args: argparse.Namespace) -> None:
         raise SystemExit(f"probe failed:\n{done.stderr[-3000:]}")
     res = json.loads(done.stdout.strip().splitlines()[-1])
     row(sec, "fresh process, files out of page cache: open ms", f"{res['open_ms']:.1f}")
-    row(sec, "  then first 50 queries (cold) p50 / p99 ms", f"{res['cold'][0]:.3f} / {res['cold'][1]:.3f}")
-    row(sec, "resident after open: anon / file-backed MiB",
-        f"{res['open_anon']:.0f} / {res['open_file']:.0f}")
+    row(
+        sec,
+        "  then first 50 queries (cold) p50 / p99 ms",
+        f"{res['cold'][0]:.3f} / {res['cold'][1]:.3f}",
+    )
+    row(
+        sec,
+        "resident after open: anon / file-backed MiB",
+        f"{res['open_anon']:.0f} / {res['open_file']:.0f}",
+    )
     row(sec, "resident after the warm-up: file-backed MiB", f"{res['warm_file']:.0f}")
-    row(sec, "resident after all queries: anon / file MiB", f"{res['anon']:.0f} / {res['file']:.0f}")
+    row(
+        sec, "resident after all queries: anon / file MiB", f"{res['anon']:.0f} / {res['file']:.0f}"
+    )
     for r in res["runs"]:
         goal = r["nprobe"] == args.nprobe and r["rerank"] == args.rerank
-        row(sec, f"nprobe={r['nprobe']} rerank={r['rerank']}: p50 / p99 ms, R@5 (file MiB)",
+        row(
+            sec,
+            f"nprobe={r['nprobe']} rerank={r['rerank']}: p50 / p99 ms, R@5 (file MiB)",
             f"{r['p50']:.3f} / {r['p99']:.3f}, {r['recall']:.4f} ({r['file']:.0f})",
-            "R@5>=0.9" if goal else "", (r["recall"] >= 0.9) if goal else None)
+            "R@5>=0.9" if goal else "",
+            (r["recall"] >= 0.9) if goal else None,
+        )
     row(sec, "load average at end (1/5/15 min)", load_avg())
     if not args.scale_dir:
         shutil.rmtree(home.parent, ignore_errors=True)
@@ -400,12 +451,34 @@ def probe(home: Path, nprobes: list[int]) -> None:
             idx.search(q[None], 5)
         p50, p99 = latencies(lambda q: idx.search(q[None], 5), queries)
         got = [[v - 1 for v, _ in idx.search(q[None], 5)[0]] for q in queries]
-        rec = float(np.mean([len(set(g) & set(t_.tolist())) / 5 for g, t_ in zip(got, truth, strict=True)]))
-        runs.append({"nprobe": nprobe, "rerank": rerank, "p50": p50, "p99": p99, "recall": rec,
-                     "file": rss_mib()[1] - file0})
+        rec = float(
+            np.mean([len(set(g) & set(t_.tolist())) / 5 for g, t_ in zip(got, truth, strict=True)])
+        )
+        runs.append(
+            {
+                "nprobe": nprobe,
+                "rerank": rerank,
+                "p50": p50,
+                "p99": p99,
+                "recall": rec,
+                "file": rss_mib()[1] - file0,
+            }
+        )
     anon2, file2 = rss_mib()
-    print(json.dumps({"open_ms": open_ms, "open_anon": anon1 - anon0, "open_file": file1 - file0, "cold": cold, "warm_file": warm_file,
-                      "anon": anon2 - anon0, "file": file2 - file0, "runs": runs}))
+    print(
+        json.dumps(
+            {
+                "open_ms": open_ms,
+                "open_anon": anon1 - anon0,
+                "open_file": file1 - file0,
+                "cold": cold,
+                "warm_file": warm_file,
+                "anon": anon2 - anon0,
+                "file": file2 - file0,
+                "runs": runs,
+            }
+        )
+    )
 
 
 def main() -> None:
@@ -421,17 +494,23 @@ def main() -> None:
     ap.add_argument("--adds", type=int, default=500)
     ap.add_argument("--list-versions", type=int, default=100_000)
     ap.add_argument("--skip-catalog", action="store_true")
-    ap.add_argument("--scale", default="", help="comma-separated IVF-PQ sizes, e.g. 1000000,10000000")
+    ap.add_argument(
+        "--scale", default="", help="comma-separated IVF-PQ sizes, e.g. 1000000,10000000"
+    )
     ap.add_argument("--scale-dim", type=int, default=64)
     ap.add_argument("--scale-queries", type=int, default=200)
     ap.add_argument("--scale-dir", default=None, help="keep the built indexes here")
-    ap.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n), power of 2)")
+    ap.add_argument(
+        "--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(n), power of 2)"
+    )
     ap.add_argument("--pq-m", type=int, default=None, help="PQ bytes per vector (default d/4)")
     ap.add_argument("--nprobe", type=int, default=IndexParams().nprobe)
     ap.add_argument("--nprobes", default="1,2,4,8,16,32,64", help="nprobe values measured")
     ap.add_argument("--rerank", type=int, default=IndexParams().rerank)
     ap.add_argument("--train-per-list", type=int, default=IndexParams().train_per_list)
-    ap.add_argument("--build-threads", type=int, default=None, help="FAISS threads for the scale builds")
+    ap.add_argument(
+        "--build-threads", type=int, default=None, help="FAISS threads for the scale builds"
+    )
     ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.build_threads:
@@ -439,7 +518,9 @@ def main() -> None:
     if args.probe:
         probe(Path(args.probe), [int(p) for p in args.nprobes.split(",")])
         return
-    print(f"faiss {faiss.__version__}, {os.cpu_count()} cpus, numpy {np.__version__}, load {load_avg()}")
+    print(
+        f"faiss {faiss.__version__}, {os.cpu_count()} cpus, numpy {np.__version__}, load {load_avg()}"
+    )
     for n in (int(s) for s in args.sizes.split(",") if s):
         bench_retrieval(n, args.dim, args)
     for n in (int(s) for s in args.scale.split(",") if s):

@@ -5,5 +5,16 @@ from eval.backbones import create_backbone, pretrain
 from eval.runner import RunResult, bench, run
 from eval.streams import Stream, Task
 
-__all__ = ["RunResult", "Stream", "Task", "backbones", "bench", "corruptions", "create_backbone", "metrics",
-           "pretrain", "run", "streams"]
+__all__ = [
+    "RunResult",
+    "Stream",
+    "Task",
+    "backbones",
+    "bench",
+    "corruptions",
+    "create_backbone",
+    "metrics",
+    "pretrain",
+    "run",
+    "streams",
+]

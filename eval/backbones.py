@@ -248,11 +248,26 @@ def pretrain(
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(seed)
         steps = math.ceil(len(source_task.x_train) / batch_size)
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, b_ratio=1.0,
-                          warmup_steps=max(1, min(steps, epochs * steps // 10)), grad_clip=None, seed=seed,
-                          device=str(dev), progress=False)
-        train(model, source_task.x_train, source_task.y_train, cfg,
-              transform=(lambda xb: _shift(xb, gen)) if augment else None, desc=f"pretrain {name}")
+        cfg = TrainConfig(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            weight_decay=weight_decay,
+            b_ratio=1.0,
+            warmup_steps=max(1, min(steps, epochs * steps // 10)),
+            grad_clip=None,
+            seed=seed,
+            device=str(dev),
+            progress=False,
+        )
+        train(
+            model,
+            source_task.x_train,
+            source_task.y_train,
+            cfg,
+            transform=(lambda xb: _shift(xb, gen)) if augment else None,
+            desc=f"pretrain {name}",
+        )
         seconds = time.perf_counter() - t0
         test_acc = _evaluate(model, source_task, dev)
         path.parent.mkdir(parents=True, exist_ok=True)

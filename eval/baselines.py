@@ -57,6 +57,11 @@ BASELINES: dict[str, type[Learner]] = {"finetune": Finetune, "joint": Joint, "fr
 def union(tasks: list[Task], name: str = "all-tasks") -> Task:
     """All tasks' data as one task (for ``joint``)."""
     cat = torch.cat
-    return Task(name, cat([t.x_train for t in tasks]), cat([t.y_train for t in tasks]),
-                cat([t.x_test for t in tasks]), cat([t.y_test for t in tasks]),
-                tuple(sorted({c for t in tasks for c in t.classes})))
+    return Task(
+        name,
+        cat([t.x_train for t in tasks]),
+        cat([t.y_train for t in tasks]),
+        cat([t.x_test for t in tasks]),
+        cat([t.y_test for t in tasks]),
+        tuple(sorted({c for t in tasks for c in t.classes})),
+    )

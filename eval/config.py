@@ -26,9 +26,16 @@ STREAMS = {
 # default stream and learners; the module named runs it with ``bench_protocol(cfg, bank, console)``.
 PROTOCOLS: dict[str, dict[str, Any]] = {
     "continual": {"stream": "split-mnist", "learners": ["lora", "finetune", "joint", "frozen"]},
-    "tta": {"stream": "corrupted-mnist", "learners": ["source", "bn_adapt", "tent", "vida"], "module": "eval.tta"},
-    "transfer": {"stream": "composite-mnist", "learners": ["compose", "expand", "output", "lora", "merge", "nearest"],
-                 "module": "eval.transfer"},
+    "tta": {
+        "stream": "corrupted-mnist",
+        "learners": ["source", "bn_adapt", "tent", "vida"],
+        "module": "eval.tta",
+    },
+    "transfer": {
+        "stream": "composite-mnist",
+        "learners": ["compose", "expand", "output", "lora", "merge", "nearest"],
+        "module": "eval.transfer",
+    },
 }
 
 
@@ -44,7 +51,9 @@ class BenchConfig:
     pretrain_epochs: int | None = None
     learners: list[str] | None = None  # default: the protocol's
     rank: int = 8
-    learner_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # e.g. {"rank_selective": {"max_kappa": 0.1}}
+    learner_options: dict[str, dict[str, Any]] = field(
+        default_factory=dict
+    )  # e.g. {"rank_selective": {"max_kappa": 0.1}}
     epochs: int = 10
     lr: float = 3e-3
     batch_size: int = 64
@@ -64,10 +73,14 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise sb.ConfigError(f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}")
+            raise sb.ConfigError(
+                f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}"
+            )
         defaults = PROTOCOLS[self.protocol]
         self.stream = self.stream or defaults["stream"]
-        self.learners = list(self.learners) if self.learners is not None else list(defaults["learners"])
+        self.learners = (
+            list(self.learners) if self.learners is not None else list(defaults["learners"])
+        )
         if self.protocol == "continual" and self.stream not in STREAMS:
             raise sb.ConfigError(f"unknown stream {self.stream!r}; choose from {sorted(STREAMS)}")
         if self.scenario not in ("class", "task"):
@@ -75,7 +88,9 @@ class BenchConfig:
         if not 0.0 < self.source_fraction < 1.0:
             raise sb.ConfigError(f"source_fraction must be in (0, 1), got {self.source_fraction}")
         if set(self.learner_options) - set(self.learners):
-            raise sb.ConfigError(f"learner_options for learners not in the run: {sorted(set(self.learner_options) - set(self.learners))}")
+            raise sb.ConfigError(
+                f"learner_options for learners not in the run: {sorted(set(self.learner_options) - set(self.learners))}"
+            )
         if not self.learners or not self.seeds:
             raise sb.ConfigError("name at least one learner and one seed")
         if not self.shots or any(s <= 0 for s in self.shots):
@@ -122,11 +137,15 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
 
     from learners import distributed
 
-    created = distributed.init_from_env()  # under torchrun: join its process group (gloo on CPU, NCCL on CUDA)
+    created = (
+        distributed.init_from_env()
+    )  # under torchrun: join its process group (gloo on CPU, NCCL on CUDA)
     try:
         if cfg.nproc > 1 and not distributed.is_distributed():
-            raise sb.ConfigError(f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
-                                 f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m skillbank.cli bench`")
+            raise sb.ConfigError(
+                f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
+                f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m skillbank.cli bench`"
+            )
         return _execute(cfg, console or Console(stderr=True), bank)
     finally:
         distributed.shutdown(created)
@@ -140,21 +159,38 @@ def _execute(cfg: BenchConfig, console, bank) -> dict:
     module = PROTOCOLS[cfg.protocol].get("module")
     if module is not None:
         if distributed.is_distributed():
-            raise sb.ConfigError(f"protocol {cfg.protocol!r} runs in one process; only 'continual' uses several")
+            raise sb.ConfigError(
+                f"protocol {cfg.protocol!r} runs in one process; only 'continual' uses several"
+            )
         import importlib
 
         return importlib.import_module(module).bench_protocol(cfg, bank or cfg.bank, console)
     train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
-    kwargs = {n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})} for n in cfg.learners}
+    kwargs = {
+        n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})}
+        for n in cfg.learners
+    }
     for n in cfg.learners:  # unknown names fail here, before any data is loaded or trained
         make_learner(n, **kwargs[n])
     stream = build_stream(cfg)
-    results = bench(stream, list(cfg.learners), backbone=cfg.backbone, bank=bank or cfg.bank, seeds=cfg.seeds,
-                    device=cfg.device, out=cfg.out, resume=cfg.resume, pretrain_epochs=cfg.pretrain_epochs,
-                    learner_kwargs=kwargs, progress=lambda msg: console.log(msg))
+    results = bench(
+        stream,
+        list(cfg.learners),
+        backbone=cfg.backbone,
+        bank=bank or cfg.bank,
+        seeds=cfg.seeds,
+        device=cfg.device,
+        out=cfg.out,
+        resume=cfg.resume,
+        pretrain_epochs=cfg.pretrain_epochs,
+        learner_kwargs=kwargs,
+        progress=lambda msg: console.log(msg),
+    )
     if distributed.is_main():
         print_table(results)
-        console.print(f"results: {Path(cfg.out) / 'results.json'}; plots: {Path(cfg.out)}/*.png; "
-                      f"skills in bank {cfg.bank}" + (f"; {distributed.world_size()} processes"
-                                                      if distributed.is_distributed() else ""))
+        console.print(
+            f"results: {Path(cfg.out) / 'results.json'}; plots: {Path(cfg.out)}/*.png; "
+            f"skills in bank {cfg.bank}"
+            + (f"; {distributed.world_size()} processes" if distributed.is_distributed() else "")
+        )
     return results

@@ -30,8 +30,11 @@ def _save(plt, fig, path: Path) -> Path:
 
 
 def plot_all(results: dict[str, RunResult], out: Path) -> list[Path]:
-    return [heatmaps(results, out / "accuracy_matrix.png"), over_time(results, out / "accuracy_over_time.png"),
-            forgetting(results, out / "forgetting.png")]
+    return [
+        heatmaps(results, out / "accuracy_matrix.png"),
+        over_time(results, out / "accuracy_over_time.png"),
+        forgetting(results, out / "forgetting.png"),
+    ]
 
 
 def heatmaps(results: dict[str, RunResult], path: Path) -> Path:
@@ -43,8 +46,15 @@ def heatmaps(results: dict[str, RunResult], path: Path) -> Path:
         ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
         for i in range(R.shape[0]):
             for j in range(R.shape[1]):
-                ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                        color="white" if R[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{100 * R[i, j]:.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if R[i, j] < 0.6 else "black",
+                )
         ax.set_title(name)
         ax.set_xlabel("task j")
         ax.set_ylabel("after task i (0 = before)")
@@ -73,6 +83,11 @@ def forgetting(results: dict[str, RunResult], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = list(results)
     values = [[metrics.forgetting(np.asarray(run.R)) for run in results[n].runs] for n in names]
-    ax.bar(names, [100 * np.nanmean(v) for v in values], yerr=[100 * np.nanstd(v) for v in values], capsize=4)
+    ax.bar(
+        names,
+        [100 * np.nanmean(v) for v in values],
+        yerr=[100 * np.nanstd(v) for v in values],
+        capsize=4,
+    )
     ax.set_ylabel("forgetting (points)")
     return _save(plt, fig, path)

@@ -29,7 +29,7 @@ class Score:
 
 def _chunks(x: torch.Tensor, y: torch.Tensor, batch_size: int):
     for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size], y[i:i + batch_size]
+        yield x[i : i + batch_size], y[i : i + batch_size]
 
 
 def _shard(task: Task) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,9 @@ def score_direct(model: nn.Module, task: Task, batch_size: int = 512) -> Score:
 
 
 @torch.no_grad()
-def score_routed(router: Router, task: Task, skill_of_task: dict[int, str], batch_size: int = 512) -> Score:
+def score_routed(
+    router: Router, task: Task, skill_of_task: dict[int, str], batch_size: int = 512
+) -> Score:
     """Each sample routed to a skill by retrieval (class-IL); the task's own skill for task-IL.
 
     ``skill_of_task`` maps task ids to bank refs of the skills trained so far; a

@@ -23,7 +23,11 @@ def stats(values: list[float]) -> dict[str, Any]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if not len(arr):
         return {"mean": None, "std": None, "per_seed": [None] * len(values)}
-    return {"mean": float(arr.mean()), "std": float(arr.std()), "per_seed": [_clean(v) for v in values]}
+    return {
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "per_seed": [_clean(v) for v in values],
+    }
 
 
 def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
@@ -51,8 +55,12 @@ def learner_metrics(result: RunResult) -> dict[str, Any]:
     out["acc_task_il"] = stats([metrics.acc(np.asarray(r.R_task)) for r in result.runs])
     out["routing"] = stats([r.routing[-1] for r in result.runs])
     out["retention"] = stats([r.retention[-1] if r.retention else None for r in result.runs])
-    out["params_per_skill"] = stats([float(np.mean(r.params)) if r.params else 0.0 for r in result.runs])
-    out["bytes_per_skill"] = stats([float(np.mean(r.bytes)) if r.bytes else 0.0 for r in result.runs])
+    out["params_per_skill"] = stats(
+        [float(np.mean(r.params)) if r.params else 0.0 for r in result.runs]
+    )
+    out["bytes_per_skill"] = stats(
+        [float(np.mean(r.bytes)) if r.bytes else 0.0 for r in result.runs]
+    )
     out["train_seconds"] = stats([float(np.sum(r.seconds)) for r in result.runs])
     return out
 
@@ -61,7 +69,15 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("skillbank", "torch", "timm", "open_clip_torch", "faiss-cpu", "sqlalchemy", "numpy"):
+    for pkg in (
+        "skillbank",
+        "torch",
+        "timm",
+        "open_clip_torch",
+        "faiss-cpu",
+        "sqlalchemy",
+        "numpy",
+    ):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -69,14 +85,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_results(results: dict[str, RunResult], out: str | Path, extra: dict | None = None) -> Path:
+def write_results(
+    results: dict[str, RunResult], out: str | Path, extra: dict | None = None
+) -> Path:
     """``results.json`` (R per seed, metrics with mean/std, costs, device, versions) and plots."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     first = next(iter(results.values()))
     doc = {
-        "stream": first.stream, "scenario": first.scenario, "device": first.device, "seeds": first.seeds,
-        "versions": versions(), **(extra or {}),
+        "stream": first.stream,
+        "scenario": first.scenario,
+        "device": first.device,
+        "seeds": first.seeds,
+        "versions": versions(),
+        **(extra or {}),
         "learners": {
             name: {
                 "metrics": learner_metrics(r),
@@ -106,15 +128,39 @@ def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
 def table(results: dict[str, RunResult], title: str | None = None) -> Table:
     """One row per learner: accuracies in percent (mean ± std over seeds), costs."""
     first = next(iter(results.values()))
-    t = Table(title=title or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}")
-    for col in ("learner", "ACC", "avg ACC", "forgetting", "BWT", "FWT", "task-IL ACC", "routing",
-                "params/skill", "KiB/skill", "train s"):
+    t = Table(
+        title=title
+        or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}"
+    )
+    for col in (
+        "learner",
+        "ACC",
+        "avg ACC",
+        "forgetting",
+        "BWT",
+        "FWT",
+        "task-IL ACC",
+        "routing",
+        "params/skill",
+        "KiB/skill",
+        "train s",
+    ):
         t.add_column(col, justify="left" if col == "learner" else "right")
     for name, r in results.items():
         m = learner_metrics(r)
-        t.add_row(name, _fmt(m["acc"]), _fmt(m["avg_acc"]), _fmt(m["forgetting"]), _fmt(m["bwt"]), _fmt(m["fwt"]),
-                  _fmt(m["acc_task_il"]), _fmt(m["routing"]), _fmt(m["params_per_skill"], 1, 0),
-                  _fmt(m["bytes_per_skill"], 1 / 1024), _fmt(m["train_seconds"], 1, 1))
+        t.add_row(
+            name,
+            _fmt(m["acc"]),
+            _fmt(m["avg_acc"]),
+            _fmt(m["forgetting"]),
+            _fmt(m["bwt"]),
+            _fmt(m["fwt"]),
+            _fmt(m["acc_task_il"]),
+            _fmt(m["routing"]),
+            _fmt(m["params_per_skill"], 1, 0),
+            _fmt(m["bytes_per_skill"], 1 / 1024),
+            _fmt(m["train_seconds"], 1, 1),
+        )
     return t
 
 

@@ -64,7 +64,9 @@ def make_learner(spec: str | Learner, **kwargs: Any) -> Learner:
     if spec in BASELINES:
         return BASELINES[spec](**kwargs)
     if spec not in list_learners():
-        raise sb.ConfigError(f"unknown learner {spec!r}; choose from {sorted(list_learners() + list(BASELINES))}")
+        raise sb.ConfigError(
+            f"unknown learner {spec!r}; choose from {sorted(list_learners() + list(BASELINES))}"
+        )
     return create_learner(spec, **kwargs)
 
 
@@ -78,8 +80,18 @@ def _row(model: nn.Module, learner: Learner, stream: Stream, router, skill_of_ta
     return [score_direct(model, t) for t in stream]
 
 
-def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBank, seed: int, *,
-             device: torch.device, run_id: str, state: SeedRun | None = None, on_task=None) -> SeedRun:
+def run_seed(
+    stream: Stream,
+    learner: Learner,
+    base: nn.Module,
+    bank: sb.SkillBank,
+    seed: int,
+    *,
+    device: torch.device,
+    run_id: str,
+    state: SeedRun | None = None,
+    on_task=None,
+) -> SeedRun:
     """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``.
 
     The global RNG (adapter inits draw from it) is seeded with ``seed`` for the
@@ -88,12 +100,31 @@ def run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBa
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _run_seed(stream, learner, base, bank, seed, device=device, run_id=run_id, state=state,
-                         on_task=on_task)
+        return _run_seed(
+            stream,
+            learner,
+            base,
+            bank,
+            seed,
+            device=device,
+            run_id=run_id,
+            state=state,
+            on_task=on_task,
+        )
 
 
-def _run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillBank, seed: int, *,
-              device: torch.device, run_id: str, state: SeedRun | None, on_task) -> SeedRun:
+def _run_seed(
+    stream: Stream,
+    learner: Learner,
+    base: nn.Module,
+    bank: sb.SkillBank,
+    seed: int,
+    *,
+    device: torch.device,
+    run_id: str,
+    state: SeedRun | None,
+    on_task,
+) -> SeedRun:
     state = state or SeedRun()
     learner = learner.with_train(seed=seed, device=str(device))
     model = copy.deepcopy(base).to(device).eval()
@@ -107,7 +138,9 @@ def _run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillB
         if ref not in skill_of_task.values():  # joint repeats one skill on every row
             if state.adapters[i] in sb.adapter_names(model):
                 sb.remove_adapter(model, state.adapters[i])
-            sb.attach(model, bank.get(ref), state.adapters[i], load_head=learner.inference == "direct")
+            sb.attach(
+                model, bank.get(ref), state.adapters[i], load_head=learner.inference == "direct"
+            )
         skill_of_task[i] = ref
     if not state.R:
         _record(state, _row(model, learner, stream, router, {}), model, stream, learner)
@@ -125,7 +158,10 @@ def _run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillB
         else:
             skill = learner.fit(model, task, bank)
             ref = distributed.on_main(  # one writer; the other ranks wait for its ref
-                lambda task=task, skill=skill: _bank_skill(bank, stream, learner, task, skill, model, seed, tags))
+                lambda task=task, skill=skill: _bank_skill(
+                    bank, stream, learner, task, skill, model, seed, tags
+                )
+            )
             router.register(ref, learner.adapter_name(task), skill)
             state.params.append(skill.num_params)
             state.bytes.append(bank.record(ref).size)
@@ -143,17 +179,35 @@ def _run_seed(stream: Stream, learner: Learner, base: nn.Module, bank: sb.SkillB
     return state
 
 
-def _bank_skill(bank: sb.SkillBank, stream: Stream, learner: Learner, task, skill: sb.Skill, model: nn.Module,
-                seed: int, tags: dict[str, str]) -> str:
+def _bank_skill(
+    bank: sb.SkillBank,
+    stream: Stream,
+    learner: Learner,
+    task,
+    skill: sb.Skill,
+    model: nn.Module,
+    seed: int,
+    tags: dict[str, str],
+) -> str:
     """Add a task's skill to the bank with its example embedding (base features); its ref."""
     with sb.disabled(model):
         emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
-    return str(bank.add(f"{stream.name}-{learner.name}-s{seed}-{task.name}", skill, embedding=emb,
-                        description=f"{learner.name} skill for {task.name} of {stream.name}",
-                        tags={**tags, "task": task.name}, learner=learner.name, embed_text=False))
+    return str(
+        bank.add(
+            f"{stream.name}-{learner.name}-s{seed}-{task.name}",
+            skill,
+            embedding=emb,
+            description=f"{learner.name} skill for {task.name} of {stream.name}",
+            tags={**tags, "task": task.name},
+            learner=learner.name,
+            embed_text=False,
+        )
+    )
 
 
-def _record(state: SeedRun, scores: list[Score], model: nn.Module, stream: Stream, learner: Learner) -> None:
+def _record(
+    state: SeedRun, scores: list[Score], model: nn.Module, stream: Stream, learner: Learner
+) -> None:
     state.R.append([s.class_il for s in scores])
     state.R_task.append([s.task_il for s in scores])
     routed = [s.routing for s in scores if s.routing is not None]
@@ -201,32 +255,70 @@ def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module
         raise sb.ConfigError("each learner may appear once per run")
 
 
-def _prepare_backbone(backbone: str | nn.Module, stream: Stream, device: torch.device, seed: int = 0,
-                      epochs: int | None = None) -> nn.Module:
+def _prepare_backbone(
+    backbone: str | nn.Module,
+    stream: Stream,
+    device: torch.device,
+    seed: int = 0,
+    epochs: int | None = None,
+) -> nn.Module:
     if isinstance(backbone, nn.Module):
         return backbone
     if stream.source is None:
-        raise sb.ConfigError(f"backbone {backbone!r} by name needs a stream with a source split to pretrain on")
+        raise sb.ConfigError(
+            f"backbone {backbone!r} by name needs a stream with a source split to pretrain on"
+        )
     kw = {} if epochs is None else {"epochs": epochs}
-    return backbones.pretrain(backbone, stream.source, seed=seed, device=str(device), num_classes=stream.n_classes, **kw)
+    return backbones.pretrain(
+        backbone, stream.source, seed=seed, device=str(device), num_classes=stream.n_classes, **kw
+    )
 
 
-def run(stream: Stream, learner: str | Learner = "lora", backbone: str | nn.Module = "vit_micro",
-        bank: sb.SkillBank | str | Path | None = None, seeds=(0,), device: str = "auto",
-        out: str | Path | None = None, resume: bool = False, **kwargs: Any) -> RunResult:
+def run(
+    stream: Stream,
+    learner: str | Learner = "lora",
+    backbone: str | nn.Module = "vit_micro",
+    bank: sb.SkillBank | str | Path | None = None,
+    seeds=(0,),
+    device: str = "auto",
+    out: str | Path | None = None,
+    resume: bool = False,
+    **kwargs: Any,
+) -> RunResult:
     """One learner over ``stream``; see ``bench`` for several learners."""
-    return bench(stream, [learner], backbone=backbone, bank=bank, seeds=seeds, device=device, out=out,
-                 resume=resume, **kwargs)[make_learner(learner).name]
+    return bench(
+        stream,
+        [learner],
+        backbone=backbone,
+        bank=bank,
+        seeds=seeds,
+        device=device,
+        out=out,
+        resume=resume,
+        **kwargs,
+    )[make_learner(learner).name]
 
 
-def bench(stream: Stream, learners: list[str | Learner], *, backbone: str | nn.Module = "vit_micro",
-          bank: sb.SkillBank | str | Path | None = None, seeds=(0, 1, 2), device: str = "auto",
-          out: str | Path | None = None, resume: bool = False, pretrain_epochs: int | None = None,
-          learner_kwargs: dict[str, dict] | None = None, progress=None) -> dict[str, RunResult]:
+def bench(
+    stream: Stream,
+    learners: list[str | Learner],
+    *,
+    backbone: str | nn.Module = "vit_micro",
+    bank: sb.SkillBank | str | Path | None = None,
+    seeds=(0, 1, 2),
+    device: str = "auto",
+    out: str | Path | None = None,
+    resume: bool = False,
+    pretrain_epochs: int | None = None,
+    learner_kwargs: dict[str, dict] | None = None,
+    progress=None,
+) -> dict[str, RunResult]:
     """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``."""
     learner_kwargs = learner_kwargs or {}
-    objs = [make_learner(spec, **learner_kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
-            for spec in learners]
+    objs = [
+        make_learner(spec, **learner_kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
+        for spec in learners
+    ]
     _validate(stream, objs, backbone)
     dev = resolve_device(device)
     own_bank = not isinstance(bank, sb.SkillBank)
@@ -235,7 +327,9 @@ def bench(stream: Stream, learners: list[str | Learner], *, backbone: str | nn.M
             bank = sb.SkillBank.open(bank or "skills")
     out = Path(out) if out is not None else None
     ckpt = _load_checkpoint(out, resume)
-    run_id = distributed.broadcast(ckpt.get("run_id") or uuid.uuid4().hex[:12])  # tags must agree across ranks
+    run_id = distributed.broadcast(
+        ckpt.get("run_id") or uuid.uuid4().hex[:12]
+    )  # tags must agree across ranks
     try:
         base = _prepare_backbone(backbone, stream, dev, epochs=pretrain_epochs)
         results: dict[str, RunResult] = {}
@@ -245,15 +339,27 @@ def bench(stream: Stream, learners: list[str | Learner], *, backbone: str | nn.M
                 key = f"{learner.name}/{seed}"
                 state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
                 if state is None or state.done < len(stream):
+
                     def save(st, key=key):
                         _save_checkpoint(out, run_id, key, st, ckpt)
 
                     if progress is not None and distributed.is_main():
                         progress(f"{learner.name} seed {seed}")
-                    state = run_seed(stream, learner, base, bank, seed, device=dev, run_id=run_id, state=state,
-                                     on_task=save)
+                    state = run_seed(
+                        stream,
+                        learner,
+                        base,
+                        bank,
+                        seed,
+                        device=dev,
+                        run_id=run_id,
+                        state=state,
+                        on_task=save,
+                    )
                 runs.append(state)
-            results[learner.name] = RunResult(learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev))
+            results[learner.name] = RunResult(
+                learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev)
+            )
         if out is not None and distributed.is_main():
             from eval.report import write_results
 

@@ -55,11 +55,13 @@ def shift(name: str, x: torch.Tensor, seed: int) -> torch.Tensor:
         return 1.0 - x
     if name == "perm":  # the pixels of the central 14 x 14 block, shuffled
         h, w = x.shape[-2:]
-        block = x[..., h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2]
+        block = x[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2]
         flat = block.reshape(*block.shape[:-2], -1)
         perm = torch.from_numpy(np.random.default_rng(seed).permutation(flat.shape[-1]))
         out = x.clone()
-        out[..., h // 4:h // 4 + h // 2, w // 4:w // 4 + w // 2] = flat[..., perm].reshape(block.shape)
+        out[..., h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = flat[..., perm].reshape(
+            block.shape
+        )
         return out
     raise sb.ConfigError(f"unknown shift {name!r}; choose from {LIBRARY}")
 
@@ -69,15 +71,25 @@ def shifted_task(data: ImageData, names: tuple[str, ...], seed: int) -> Task:
     xs = [data.x_train, data.x_test]
     for i, n in enumerate(names):
         xs = [shift(n, x, seed * 100 + 2 * i + j) for j, x in enumerate(xs)]
-    return Task(f"{data.name}-{'+'.join(names)}", xs[0], data.y_train, xs[1], data.y_test, data.classes, 0,
-                {"shifts": list(names)})
+    return Task(
+        f"{data.name}-{'+'.join(names)}",
+        xs[0],
+        data.y_train,
+        xs[1],
+        data.y_test,
+        data.classes,
+        0,
+        {"shifts": list(names)},
+    )
 
 
 def mixed_task(data: ImageData, names: tuple[str, ...], seed: int) -> Task:
     """``data`` with each image under one of the shifts ``names``, drawn per image by ``seed``."""
     xs = []
     for j, x in enumerate((data.x_train, data.x_test)):
-        which = torch.randint(len(names), (len(x),), generator=torch.Generator().manual_seed(seed * 100 + j))
+        which = torch.randint(
+            len(names), (len(x),), generator=torch.Generator().manual_seed(seed * 100 + j)
+        )
         if j == 1:
             test_shift = [names[i] for i in which]
         out = x.clone()
@@ -85,8 +97,16 @@ def mixed_task(data: ImageData, names: tuple[str, ...], seed: int) -> Task:
             rows = (which == i).nonzero().flatten()
             out[rows] = shift(n, x[rows], seed * 100 + 2 * i + j)
         xs.append(out)
-    return Task(f"{data.name}-{'-or-'.join(names)}", xs[0], data.y_train, xs[1], data.y_test, data.classes, 0,
-                {"shifts": list(names), "test_shift": test_shift})
+    return Task(
+        f"{data.name}-{'-or-'.join(names)}",
+        xs[0],
+        data.y_train,
+        xs[1],
+        data.y_test,
+        data.classes,
+        0,
+        {"shifts": list(names), "test_shift": test_shift},
+    )
 
 
 TARGETS = {"mixed": mixed_task, "stacked": shifted_task}
@@ -99,21 +119,34 @@ def few_shot(task: Task, shots: int, seed: int) -> Task:
     for c in task.classes:
         pool = (task.y_train == c).nonzero().flatten()
         if len(pool) < shots:
-            raise sb.ConfigError(f"class {c} has {len(pool)} training images, fewer than {shots} shots")
+            raise sb.ConfigError(
+                f"class {c} has {len(pool)} training images, fewer than {shots} shots"
+            )
         idx.append(pool[torch.randperm(len(pool), generator=g)[:shots]])
     idx = torch.cat(idx)
-    return replace(task, name=f"{task.name}-{shots}shot", x_train=task.x_train[idx], y_train=task.y_train[idx])
+    return replace(
+        task, name=f"{task.name}-{shots}shot", x_train=task.x_train[idx], y_train=task.y_train[idx]
+    )
 
 
 @torch.no_grad()
 def accuracy(forward, task: Task, batch_size: int = 500) -> float:
-    right = sum(metrics.correct(forward(x), y) for x, y in zip(task.x_test.split(batch_size),
-                                                                task.y_test.split(batch_size), strict=True))
+    right = sum(
+        metrics.correct(forward(x), y)
+        for x, y in zip(task.x_test.split(batch_size), task.y_test.split(batch_size), strict=True)
+    )
     return right / len(task.y_test)
 
 
-def build_library(base: nn.Module, data: ImageData, bank: sb.SkillBank, seed: int, train: TrainConfig,
-                  rank: int, tags: dict[str, str]) -> dict[str, str]:
+def build_library(
+    base: nn.Module,
+    data: ImageData,
+    bank: sb.SkillBank,
+    seed: int,
+    train: TrainConfig,
+    rank: int,
+    tags: dict[str, str],
+) -> dict[str, str]:
     """One LoRA skill per single shift, banked with its example embedding; refs by shift."""
     refs = {}
     for name in LIBRARY:
@@ -122,37 +155,72 @@ def build_library(base: nn.Module, data: ImageData, bank: sb.SkillBank, seed: in
         skill = LoRALearner(rank=rank, train=replace(train, seed=seed)).fit(model, task)
         with sb.disabled(model):
             emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
-        refs[name] = str(bank.add(f"transfer-s{seed}-{tags['run']}-{name}", skill, embedding=emb,
-                                  description=f"LoRA skill for MNIST under {name}", embed_text=False,
-                                  tags={**tags, "role": "library", "shift": name}, learner="lora"))
+        refs[name] = str(
+            bank.add(
+                f"transfer-s{seed}-{tags['run']}-{name}",
+                skill,
+                embedding=emb,
+                description=f"LoRA skill for MNIST under {name}",
+                embed_text=False,
+                tags={**tags, "role": "library", "shift": name},
+                learner="lora",
+            )
+        )
     return refs
 
 
-def run_method(method: str, base: nn.Module, task: Task, bank: sb.SkillBank, where: dict[str, str], seed: int,
-               rank: int, options: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+def run_method(
+    method: str,
+    base: nn.Module,
+    task: Task,
+    bank: sb.SkillBank,
+    where: dict[str, str],
+    seed: int,
+    rank: int,
+    options: dict[str, Any],
+) -> tuple[float, dict[str, Any]]:
     """Train ``method`` on the few-shot ``task``; its test accuracy and what it learned."""
     model = copy.deepcopy(base).eval()
     train_kw = dict(options.pop("train", {}))
     cfg = replace(FEW_SHOT, seed=seed, **train_kw)
     if method in ("compose", "expand", "output"):
-        learner = PSEC(mode="expand" if method == "expand" else "compose",
-                       space="output" if method == "output" else "parameter",
-                       rank=rank, where=where, train=cfg, **options)
+        learner = PSEC(
+            mode="expand" if method == "expand" else "compose",
+            space="output" if method == "output" else "parameter",
+            rank=rank,
+            where=where,
+            train=cfg,
+            **options,
+        )
         skill = learner.fit(model, task, bank)
-        comp = restore(model, skill, bank)  # scored as reloaded: the compositor travels with the skill
-        info = {"alpha": skill.metadata["psec"]["mean_alpha"], "skills": skill.metadata["psec"]["skills"],
-                "skill": skill}
+        comp = restore(
+            model, skill, bank
+        )  # scored as reloaded: the compositor travels with the skill
+        info = {
+            "alpha": skill.metadata["psec"]["mean_alpha"],
+            "skills": skill.metadata["psec"]["skills"],
+            "skill": skill,
+        }
         if "test_shift" in task.metadata:  # what the compositor does with each kind of image
             shifts = np.asarray(task.metadata["test_shift"])
-            info["alpha_by_shift"] = {str(s): [round(float(a), 4) for a in comp.mean_alpha(task.x_test[torch.as_tensor(shifts == s)])]
-                                      for s in sorted(set(shifts))}
+            info["alpha_by_shift"] = {
+                str(s): [
+                    round(float(a), 4)
+                    for a in comp.mean_alpha(task.x_test[torch.as_tensor(shifts == s)])
+                ]
+                for s in sorted(set(shifts))
+            }
         return accuracy(comp, task), info
     if method == "lora":
         skill = LoRALearner(rank=rank, train=cfg, **options).fit(model, task)
         sb.attach(model, skill, "fresh", load_head=True)
         return accuracy(model, task), {"skill": skill}
-    refs = [str(h.ref) for h in bank.retrieve(sb.example_embedding(model, task.x_train)[:1], k=len(LIBRARY),
-                                                  where=where)[0]]
+    refs = [
+        str(h.ref)
+        for h in bank.retrieve(
+            sb.example_embedding(model, task.x_train)[:1], k=len(LIBRARY), where=where
+        )[0]
+    ]
     if method == "merge":
         skills = [bank.get(r) for r in refs]
         merged = bank.compose(refs, [1.0 / len(refs)] * len(refs), method="cat")
@@ -179,9 +247,17 @@ def bench_protocol(cfg, bank: sb.SkillBank | str, console) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     run_id = uuid.uuid4().hex[:8]
     data = mnist(seed=cfg.data_seed, source_fraction=cfg.source_fraction)
-    base = backbones.pretrain(cfg.backbone, data.source, seed=0, device=str(device), num_classes=len(data.classes),
-                              **({} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}))
-    library_train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=str(device))
+    base = backbones.pretrain(
+        cfg.backbone,
+        data.source,
+        seed=0,
+        device=str(device),
+        num_classes=len(data.classes),
+        **({} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}),
+    )
+    library_train = TrainConfig(
+        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=str(device)
+    )
     rows = {kind: {m: {s: [] for s in cfg.shots} for m in cfg.learners} for kind in TARGETS}
     alphas: dict[str, list] = {}
     try:
@@ -190,11 +266,21 @@ def bench_protocol(cfg, bank: sb.SkillBank | str, console) -> dict[str, Any]:
             console.log(f"seed {seed}: library of {len(LIBRARY)} skills")
             library = build_library(base, data, bank, seed, library_train, cfg.rank, tags)
             where = {**tags, "role": "library"}
-            for (kind, make), shots, method in itertools.product(TARGETS.items(), cfg.shots, cfg.learners):
+            for (kind, make), shots, method in itertools.product(
+                TARGETS.items(), cfg.shots, cfg.learners
+            ):
                 task = few_shot(make(data, TARGET, seed + 1000), shots, seed)
                 start = time.perf_counter()
-                acc, info = run_method(method, base, task, bank, where, seed, cfg.rank,
-                                       copy.deepcopy(cfg.learner_options.get(method, {})))
+                acc, info = run_method(
+                    method,
+                    base,
+                    task,
+                    bank,
+                    where,
+                    seed,
+                    cfg.rank,
+                    copy.deepcopy(cfg.learner_options.get(method, {})),
+                )
                 rows[kind][method][shots].append(acc)
                 if "alpha" in info:
                     names = [{v: k for k, v in library.items()}.get(r, r) for r in info["skills"]]
@@ -202,16 +288,33 @@ def bench_protocol(cfg, bank: sb.SkillBank | str, console) -> dict[str, Any]:
                     for group, a in info.get("alpha_by_shift", {}).items():
                         record[f"on {group} images"] = dict(zip(names, a, strict=True))
                     alphas.setdefault(f"{kind}/{method}/{shots}", []).append(record)
-                    bank.add(f"transfer-s{seed}-{run_id}-{kind}-{method}-{shots}shot", info["skill"],
-                             description=f"PSEC {method} on {task.name}", embed_text=False,
-                             tags={**tags, "role": method}, learner="psec", metrics={"accuracy": acc})
-                console.log(f"seed {seed} {kind} {shots:>2} shots {method:<8} {100 * acc:5.1f}%  "
-                            f"({time.perf_counter() - start:.1f} s)")
-        results = {"protocol": "transfer", "backbone": cfg.backbone, "seeds": list(cfg.seeds),
-                   "library": list(LIBRARY), "target": list(TARGET), "shots": list(cfg.shots), "run_id": run_id,
-                   "accuracy": {kind: {m: {str(s): v for s, v in by.items()} for m, by in methods.items()}
-                                for kind, methods in rows.items()},
-                   "mean_alpha": alphas}
+                    bank.add(
+                        f"transfer-s{seed}-{run_id}-{kind}-{method}-{shots}shot",
+                        info["skill"],
+                        description=f"PSEC {method} on {task.name}",
+                        embed_text=False,
+                        tags={**tags, "role": method},
+                        learner="psec",
+                        metrics={"accuracy": acc},
+                    )
+                console.log(
+                    f"seed {seed} {kind} {shots:>2} shots {method:<8} {100 * acc:5.1f}%  "
+                    f"({time.perf_counter() - start:.1f} s)"
+                )
+        results = {
+            "protocol": "transfer",
+            "backbone": cfg.backbone,
+            "seeds": list(cfg.seeds),
+            "library": list(LIBRARY),
+            "target": list(TARGET),
+            "shots": list(cfg.shots),
+            "run_id": run_id,
+            "accuracy": {
+                kind: {m: {str(s): v for s, v in by.items()} for m, by in methods.items()}
+                for kind, methods in rows.items()
+            },
+            "mean_alpha": alphas,
+        }
         write(results, Path(cfg.out), console)
         return results
     finally:
@@ -228,23 +331,39 @@ def write(results: dict[str, Any], out: Path, console) -> None:
 
     write_json(out / "results.json", results)
     shots = results["shots"]
-    table = Table(title=f"few-shot transfer to {' and '.join(results['target'])}: accuracy % (mean ± std over seeds)")
+    table = Table(
+        title=f"few-shot transfer to {' and '.join(results['target'])}: accuracy % (mean ± std over seeds)"
+    )
     table.add_column("target")
     table.add_column("method")
     for s in shots:
         table.add_column(f"{s} shots/class", justify="right")
     for kind, methods in results["accuracy"].items():
         for method, by in methods.items():
-            table.add_row(kind, method, *(f"{100 * np.mean(by[str(s)]):.1f} ± {100 * np.std(by[str(s)]):.1f}"
-                                          for s in shots))
+            table.add_row(
+                kind,
+                method,
+                *(
+                    f"{100 * np.mean(by[str(s)]):.1f} ± {100 * np.std(by[str(s)]):.1f}"
+                    for s in shots
+                ),
+            )
     console.print(table)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(results["accuracy"]), figsize=(5 * len(results["accuracy"]), 3.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(results["accuracy"]), figsize=(5 * len(results["accuracy"]), 3.5), squeeze=False
+    )
     for ax, (kind, methods) in zip(axes[0], results["accuracy"].items(), strict=True):
         for method, by in methods.items():
             means = [100 * np.mean(by[str(s)]) for s in shots]
-            ax.errorbar(shots, means, yerr=[100 * np.std(by[str(s)]) for s in shots], marker="o", capsize=3,
-                        label=method)
+            ax.errorbar(
+                shots,
+                means,
+                yerr=[100 * np.std(by[str(s)]) for s in shots],
+                marker="o",
+                capsize=3,
+                label=method,
+            )
         ax.set_title(f"{kind}: {' and '.join(results['target'])}")
         ax.set_xlabel("shots per class")
         ax.set_ylabel("test accuracy (%)")

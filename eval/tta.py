@@ -34,10 +34,23 @@ import skillbank as sb
 from eval.streams import Stream
 from learners.tta import TTAMethod, create_method, online
 
-SHORT = {"gaussian_noise": "gauss", "shot_noise": "shot", "impulse_noise": "impul", "defocus_blur": "defoc",
-         "glass_blur": "glass", "motion_blur": "motn", "zoom_blur": "zoom", "snow": "snow", "frost": "frost",
-         "fog": "fog", "brightness": "brit", "contrast": "contr", "elastic_transform": "elast",
-         "pixelate": "pixel", "jpeg_compression": "jpeg"}
+SHORT = {
+    "gaussian_noise": "gauss",
+    "shot_noise": "shot",
+    "impulse_noise": "impul",
+    "defocus_blur": "defoc",
+    "glass_blur": "glass",
+    "motion_blur": "motn",
+    "zoom_blur": "zoom",
+    "snow": "snow",
+    "frost": "frost",
+    "fog": "fog",
+    "brightness": "brit",
+    "contrast": "contr",
+    "elastic_transform": "elast",
+    "pixelate": "pixel",
+    "jpeg_compression": "jpeg",
+}
 
 
 @dataclass
@@ -46,8 +59,12 @@ class TTARun:
 
     errors: list[float] = field(default_factory=list)  # per domain, in stream order
     seconds: list[float] = field(default_factory=list)  # adaptation time per domain
-    skills: list[str] = field(default_factory=list)  # bank refs of the domain skills ("" when not banked)
-    retrieved: list[str] = field(default_factory=list)  # the skill each domain started from ("" if none)
+    skills: list[str] = field(
+        default_factory=list
+    )  # bank refs of the domain skills ("" when not banked)
+    retrieved: list[str] = field(
+        default_factory=list
+    )  # the skill each domain started from ("" if none)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -65,7 +82,9 @@ def shuffled(stream: Stream, seed: int) -> Stream:
     """
     tasks = []
     for i, t in enumerate(stream):
-        order = torch.randperm(len(t.x_test), generator=torch.Generator().manual_seed(seed * 1000 + i))
+        order = torch.randperm(
+            len(t.x_test), generator=torch.Generator().manual_seed(seed * 1000 + i)
+        )
         tasks.append(replace(t, x_test=t.x_test[order], y_test=t.y_test[order]))
     return Stream(tuple(tasks), stream.scenario, stream.n_classes, stream.source, stream.name)
 
@@ -74,50 +93,83 @@ def domain_name(task) -> str:
     return str(task.metadata.get("corruption", task.name))
 
 
-def run_stream(method: TTAMethod, model: nn.Module, stream: Stream, *, batch_size: int = 64,
-               bank: sb.SkillBank | None = None, tags: dict[str, str] | None = None, log=None,
-               label: str | None = None) -> TTARun:
+def run_stream(
+    method: TTAMethod,
+    model: nn.Module,
+    stream: Stream,
+    *,
+    batch_size: int = 64,
+    bank: sb.SkillBank | None = None,
+    tags: dict[str, str] | None = None,
+    log=None,
+    label: str | None = None,
+) -> TTARun:
     """Adapt ``method`` online over every domain of ``stream`` in order (no reset), from a
     copy of ``model``; per-domain error from predictions made before each batch's labels
     are ever looked at (the loop gets inputs only)."""
     if not isinstance(stream, Stream) or stream.scenario != "tta":
-        raise sb.ConfigError("the tta protocol needs a test-time adaptation stream (e.g. eval.streams.corrupted)")
+        raise sb.ConfigError(
+            "the tta protocol needs a test-time adaptation stream (e.g. eval.streams.corrupted)"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise sb.ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     tags = dict(tags or {})
     method.setup(copy.deepcopy(model), stream.source)
     run = TTARun(notes=list(method.notes))
-    banks = bank is not None and getattr(method, "bank_skills", False) and hasattr(method, "domain_skill")
+    banks = (
+        bank is not None
+        and getattr(method, "bank_skills", False)
+        and hasattr(method, "domain_skill")
+    )
     for task in stream:
         start = time.perf_counter()
         hit = None
-        if bank is not None and getattr(method, "retrieve", False) and hasattr(method, "start_from_bank"):
-            hit = method.start_from_bank(bank, task.x_test[:batch_size], where={"source": tags.get("source", "")})
+        if (
+            bank is not None
+            and getattr(method, "retrieve", False)
+            and hasattr(method, "start_from_bank")
+        ):
+            hit = method.start_from_bank(
+                bank, task.x_test[:batch_size], where={"source": tags.get("source", "")}
+            )
         preds = online(method, task.x_test, batch_size)
         run.seconds.append(time.perf_counter() - start)
-        run.errors.append(float((preds != task.y_test).float().mean()))  # scoring only, after the fact
+        run.errors.append(
+            float((preds != task.y_test).float().mean())
+        )  # scoring only, after the fact
         run.retrieved.append(f"{hit.name}@{hit.version}" if hit else "")
         ref = ""
         if banks:
             ref = bank_domain(bank, method, stream, task, tags, label)
         run.skills.append(ref)
         if log is not None:
-            log(f"{method.name} {domain_name(task)}: error {100 * run.errors[-1]:.1f}%"
-                + (f" (from {run.retrieved[-1]})" if hit else ""))
+            log(
+                f"{method.name} {domain_name(task)}: error {100 * run.errors[-1]:.1f}%"
+                + (f" (from {run.retrieved[-1]})" if hit else "")
+            )
     return run
 
 
-def bank_domain(bank: sb.SkillBank, method, stream: Stream, task, tags: dict[str, str], label: str | None = None) -> str:
+def bank_domain(
+    bank: sb.SkillBank, method, stream: Stream, task, tags: dict[str, str], label: str | None = None
+) -> str:
     """Bank the method's adapted state for ``task`` with the domain's example embedding;
     named after ``label`` (default: the method's name; ':' becomes '+')."""
     label = (label or method.name).replace(":", "+")
-    skill = method.domain_skill(f"{stream.name}-{method.name}-{task.name}",
-                                {"task": task.name, "domain": domain_name(task)})
+    skill = method.domain_skill(
+        f"{stream.name}-{method.name}-{task.name}", {"task": task.name, "domain": domain_name(task)}
+    )
     emb = method.domain_embedding(task.x_test, centres=4)
     seed = tags.get("seed", "0")
-    ref = bank.add(f"{stream.name}-{label}-s{seed}-{task.name}", skill, embedding=emb,
-                   description=f"{method.name} adapted state after domain {domain_name(task)} of {stream.name}",
-                   tags={**tags, "domain": domain_name(task)}, learner=method.name, embed_text=False)
+    ref = bank.add(
+        f"{stream.name}-{label}-s{seed}-{task.name}",
+        skill,
+        embedding=emb,
+        description=f"{method.name} adapted state after domain {domain_name(task)} of {stream.name}",
+        tags={**tags, "domain": domain_name(task)},
+        learner=method.name,
+        embed_text=False,
+    )
     return str(ref)
 
 
@@ -152,11 +204,15 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
     opts = _methods(cfg)
     backbones.check_name(cfg.backbone)
     if cfg.stream not in STREAMS:
-        raise sb.ConfigError(f"unknown stream {cfg.stream!r} for the tta protocol; use 'corrupted-mnist'")
+        raise sb.ConfigError(
+            f"unknown stream {cfg.stream!r} for the tta protocol; use 'corrupted-mnist'"
+        )
     dev = resolve_device(cfg.device)
     stream = build_stream(cfg)
     if stream.scenario != "tta":
-        raise sb.ConfigError(f"stream {cfg.stream!r} is not a test-time adaptation stream; use 'corrupted-mnist'")
+        raise sb.ConfigError(
+            f"stream {cfg.stream!r} is not a test-time adaptation stream; use 'corrupted-mnist'"
+        )
     stream = shuffled(stream, cfg.data_seed)
     own = bank is not None and not isinstance(bank, sb.SkillBank)
     bank = sb.SkillBank.open(bank) if own else bank
@@ -172,21 +228,43 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
     try:
         for seed in cfg.seeds:
             kw = {} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}
-            model = backbones.pretrain(cfg.backbone, stream.source, seed=seed, device=str(dev),
-                                       num_classes=stream.n_classes, **kw)
+            model = backbones.pretrain(
+                cfg.backbone,
+                stream.source,
+                seed=seed,
+                device=str(dev),
+                num_classes=stream.n_classes,
+                **kw,
+            )
             info = model.pretrain_info
             sources.append({"seed": seed, "key": info["key"], "clean_test_acc": info["test_acc"]})
-            console.log(f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)")
-            tags = {"run": run_id, "seed": str(seed), "stream": stream.name, "source": info["key"],
-                    "protocol": "tta"}
+            console.log(
+                f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)"
+            )
+            tags = {
+                "run": run_id,
+                "seed": str(seed),
+                "stream": stream.name,
+                "source": info["key"],
+                "protocol": "tta",
+            }
             for name in cfg.learners:
                 method = method_for(name, seed, cfg.device, opts[name])
                 t0 = time.perf_counter()
-                run = run_stream(method, model, stream, batch_size=cfg.batch_size, bank=bank,
-                                 tags={**tags, "method": name}, label=name)
+                run = run_stream(
+                    method,
+                    model,
+                    stream,
+                    batch_size=cfg.batch_size,
+                    bank=bank,
+                    tags={**tags, "method": name},
+                    label=name,
+                )
                 runs[name].append(run)
-                console.log(f"{name} seed {seed}: mean error {100 * run.mean_error:.1f}% "
-                            f"({time.perf_counter() - t0:.0f} s)")
+                console.log(
+                    f"{name} seed {seed}: mean error {100 * run.mean_error:.1f}% "
+                    f"({time.perf_counter() - t0:.0f} s)"
+                )
             doc = results_doc(cfg, stream, runs, sources, str(dev), run_id)
             write(doc, out, plot=False)
     finally:
@@ -195,15 +273,19 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
             bank.close()
     write(doc, out)
     console.print(table(doc))
-    console.print(f"results: {out / 'results.json'}; table: {out / 'table.md'}; plot: {out / 'tta_error.png'}")
+    console.print(
+        f"results: {out / 'results.json'}; table: {out / 'table.md'}; plot: {out / 'tta_error.png'}"
+    )
     return doc
 
 
-def results_doc(cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, device: str, run_id: str) -> dict:
+def results_doc(
+    cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, device: str, run_id: str
+) -> dict:
     from eval.report import stats, versions
 
     domains = [domain_name(t) for t in stream]
-    seeds = list(cfg.seeds)[:max(len(r) for r in runs.values())]
+    seeds = list(cfg.seeds)[: max(len(r) for r in runs.values())]
     methods = {}
     for name, rs in runs.items():
         if not rs:
@@ -212,14 +294,29 @@ def results_doc(cfg, stream: Stream, runs: dict[str, list[TTARun]], sources, dev
         methods[name] = {
             "mean_error": stats(err.mean(1).tolist()),
             "error_per_domain": {"mean": err.mean(0).tolist(), "std": err.std(0).tolist()},
-            "errors": err.tolist(), "seconds": [float(np.sum(r.seconds)) for r in rs],
-            "skills": [r.skills for r in rs], "retrieved": [r.retrieved for r in rs],
+            "errors": err.tolist(),
+            "seconds": [float(np.sum(r.seconds)) for r in rs],
+            "skills": [r.skills for r in rs],
+            "retrieved": [r.retrieved for r in rs],
             "notes": sorted({n for r in rs for n in r.notes}),
         }
-    return {"protocol": "tta", "stream": stream.name, "order": "shuffled within each domain (seed: data_seed)", "domains": domains, "n_per_domain": len(stream[0].x_test),
-            "backbone": cfg.backbone, "batch_size": cfg.batch_size, "seeds": seeds, "device": device,
-            "run_id": run_id, "learner_options": cfg.learner_options, "sources": sources,
-            "methods": methods, "goals": goals(methods), "versions": versions()}
+    return {
+        "protocol": "tta",
+        "stream": stream.name,
+        "order": "shuffled within each domain (seed: data_seed)",
+        "domains": domains,
+        "n_per_domain": len(stream[0].x_test),
+        "backbone": cfg.backbone,
+        "batch_size": cfg.batch_size,
+        "seeds": seeds,
+        "device": device,
+        "run_id": run_id,
+        "learner_options": cfg.learner_options,
+        "sources": sources,
+        "methods": methods,
+        "goals": goals(methods),
+        "versions": versions(),
+    }
 
 
 def goals(methods: dict[str, Any]) -> dict[str, Any]:
@@ -228,9 +325,12 @@ def goals(methods: dict[str, Any]) -> dict[str, Any]:
         return {}
     v, s = methods["vida"], methods["source"]
     gap = np.asarray(v["error_per_domain"]["mean"]) - np.asarray(s["error_per_domain"]["mean"])
-    out = {"vida_mean_error": v["mean_error"]["mean"], "source_mean_error": s["mean_error"]["mean"],
-           "relative_reduction_vs_source": 1 - v["mean_error"]["mean"] / s["mean_error"]["mean"],
-           "worst_domain_gap_vs_source": float(gap.max())}
+    out = {
+        "vida_mean_error": v["mean_error"]["mean"],
+        "source_mean_error": s["mean_error"]["mean"],
+        "relative_reduction_vs_source": 1 - v["mean_error"]["mean"] / s["mean_error"]["mean"],
+        "worst_domain_gap_vs_source": float(gap.max()),
+    }
     out["met_20pct_below_source"] = out["relative_reduction_vs_source"] >= 0.2
     out["met_no_domain_2pts_worse"] = out["worst_domain_gap_vs_source"] <= 0.02
     if "tent" in methods:
@@ -255,14 +355,19 @@ def table(doc: dict):
     """Rich table: error (%) per domain (mean over seeds) and the mean ± std over seeds."""
     from rich.table import Table
 
-    t = Table(title=f"{doc['stream']}: online error (%) per domain, {doc['backbone']}, "
-                    f"{len(doc['seeds'])} seed(s), batch {doc['batch_size']}, no reset")
+    t = Table(
+        title=f"{doc['stream']}: online error (%) per domain, {doc['backbone']}, "
+        f"{len(doc['seeds'])} seed(s), batch {doc['batch_size']}, no reset"
+    )
     t.add_column("method")
     for c in _cols(doc) + ["mean"]:
         t.add_column(c, justify="right")
     for name, m in doc["methods"].items():
-        t.add_row(name, *[f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"]],
-                  f"{100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f}")
+        t.add_row(
+            name,
+            *[f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"]],
+            f"{100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f}",
+        )
     return t
 
 
@@ -270,8 +375,11 @@ def markdown(doc: dict) -> str:
     head = "| method | " + " | ".join(_cols(doc)) + " | mean |"
     rows = [head, "|---" * (len(doc["domains"]) + 2) + "|"]
     for name, m in doc["methods"].items():
-        rows.append(f"| {name} | " + " | ".join(f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"])
-                    + f" | {100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f} |")
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"])
+            + f" | {100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f} |"
+        )
     return "\n".join(rows)
 
 

@@ -74,11 +74,19 @@ def freeze_norm_statistics(model: nn.Module) -> None:
     """Batch norms whose parameters are frozen keep their running statistics:
     a frozen base must not drift while adapters train."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters()
+        ):
             m.eval()
 
 
-def shards(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator, device: torch.device):
+def shards(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+):
     """Endless shuffled global batches, as ``(x, y, global batch size)`` of this rank's part;
     pinned and copied without blocking on CUDA.
 
@@ -90,7 +98,7 @@ def shards(x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.G
     while True:
         order = torch.randperm(len(x), generator=generator)
         for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
+            idx = order[i : i + batch_size]
             n = len(idx)
             idx = idx[distributed.shard(n)]
             xb, yb = x[idx], y[idx]
@@ -106,8 +114,19 @@ def class_mask(classes, n_classes: int, device) -> torch.Tensor:
     return mask
 
 
-def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, *, classes=None,
-          penalty=None, after_step=None, transform=None, desc: str = "train", groups=None) -> list[float]:
+def train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    classes=None,
+    penalty=None,
+    after_step=None,
+    transform=None,
+    desc: str = "train",
+    groups=None,
+) -> list[float]:
     """Train the parameters of ``model`` that require grad; returns the loss per step.
 
     ``classes`` restricts the cross-entropy to those logits (a task's own head);
@@ -122,10 +141,14 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, 
     # Seeded for reproducibility, inside a fork so the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        return _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc, groups)
+        return _train(
+            model, x, y, cfg, device, classes, penalty, after_step, transform, desc, groups
+        )
 
 
-def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, desc, make_groups) -> list[float]:
+def _train(
+    model, x, y, cfg, device, classes, penalty, after_step, transform, desc, make_groups
+) -> list[float]:
     gen = torch.Generator().manual_seed(cfg.seed)
     if make_groups is not None:
         groups = [g for g in make_groups(model, cfg) if g["params"]]
@@ -135,7 +158,9 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
         raise TrainingError("nothing to train: no parameter of the model requires grad")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    distributed.broadcast_tensors(params)  # every rank starts from rank 0's trainable weights, as DDP does
+    distributed.broadcast_tensors(
+        params
+    )  # every rank starts from rank 0's trainable weights, as DDP does
     total = cfg.steps or cfg.epochs * math.ceil(len(x) / cfg.batch_size)
 
     def lr_factor(step: int) -> float:
@@ -143,7 +168,9 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
             return (step + 1) / cfg.warmup_steps
         if cfg.schedule == "constant":
             return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)))
+        return 0.5 * (
+            1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+        )
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     mask = None  # built from the first batch's logits, whose width is the head's
@@ -153,9 +180,15 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
     losses: list[float] = []
     data = shards(x, y, cfg.batch_size, gen, device)
     world = distributed.world_size()
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(),
-                  disable=not (cfg.progress and distributed.is_main()), transient=True) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("loss {task.fields[loss]:.3f}"),
+        TimeElapsedColumn(),
+        disable=not (cfg.progress and distributed.is_main()),
+        transient=True,
+    ) as bar:
         job = bar.add_task(desc, total=total, loss=float("nan"))
         for step in range(total):
             xb, yb, n = next(data)
@@ -165,12 +198,23 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
                 if len(yb):
                     logits = model(xb)
                     if classes is not None:
-                        mask = class_mask(classes, logits.shape[-1], logits.device) if mask is None else mask
+                        mask = (
+                            class_mask(classes, logits.shape[-1], logits.device)
+                            if mask is None
+                            else mask
+                        )
                         logits = logits + mask
                     # this rank's share of the global mean, so that summing over ranks gives the mean
-                    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-                    loss = (F.cross_entropy(logits, yb) if len(yb) == n
-                            else F.cross_entropy(logits, yb, reduction="sum") / n)
+                    logits = (
+                        logits.float()
+                        if logits.dtype in (torch.float16, torch.bfloat16)
+                        else logits
+                    )
+                    loss = (
+                        F.cross_entropy(logits, yb)
+                        if len(yb) == n
+                        else F.cross_entropy(logits, yb, reduction="sum") / n
+                    )
                 else:  # more ranks than rows in a short last batch
                     loss = torch.zeros((), device=device)
                 extra = penalty(model) if penalty is not None else None
@@ -179,9 +223,13 @@ def _train(model, x, y, cfg, device, classes, penalty, after_step, transform, de
             opt.zero_grad(set_to_none=True)
             if len(yb) or loss.requires_grad:  # an empty shard without a penalty has nothing to add
                 loss.backward()
-            value = distributed.sync_gradients(params, loss)  # the global loss; grads summed over ranks
+            value = distributed.sync_gradients(
+                params, loss
+            )  # the global loss; grads summed over ranks
             if not torch.isfinite(value):  # the same verdict on every rank
-                raise TrainingError(f"{desc}: loss became {value.item()} at step {step}; no skill was written")
+                raise TrainingError(
+                    f"{desc}: loss became {value.item()} at step {step}; no skill was written"
+                )
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
@@ -220,8 +268,12 @@ class Learner:
 
     # ------------------------------------------------------------- hooks
     def lora_config(self, task) -> sb.LoRAConfig:
-        return sb.LoRAConfig(rank=self.rank, alpha=self.alpha or 2.0 * self.rank, targets=tuple(self.targets),
-                             head=self.head)
+        return sb.LoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha or 2.0 * self.rank,
+            targets=tuple(self.targets),
+            head=self.head,
+        )
 
     def adapter_name(self, task) -> str:
         sb.adapters.inject.check_name(task.name)
@@ -244,8 +296,11 @@ class Learner:
         """Undo what ``prepare`` added beyond the adapter itself (training failed)."""
 
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
-        return sb.Skill.from_model(model, name, metadata={"learner": self.name, "task": task.name,
-                                                          "classes": list(task.classes)})
+        return sb.Skill.from_model(
+            model,
+            name,
+            metadata={"learner": self.name, "task": task.name, "classes": list(task.classes)},
+        )
 
     # --------------------------------------------------------------- fit
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:
@@ -255,10 +310,20 @@ class Learner:
         self.prepare(model, task, bank, name)
         try:
             penalty = self.penalty if type(self).penalty is not Learner.penalty else None
-            groups = self.param_groups if type(self).param_groups is not Learner.param_groups else None
-            train(model, task.x_train, task.y_train, self.train, penalty=penalty, after_step=self.after_step,
-                  classes=task.classes if self.mask_logits else None, desc=f"{self.name}:{task.name}",
-                  groups=groups)
+            groups = (
+                self.param_groups if type(self).param_groups is not Learner.param_groups else None
+            )
+            train(
+                model,
+                task.x_train,
+                task.y_train,
+                self.train,
+                penalty=penalty,
+                after_step=self.after_step,
+                classes=task.classes if self.mask_logits else None,
+                desc=f"{self.name}:{task.name}",
+                groups=groups,
+            )
             skill = self.finish(model, task, name)
         except Exception:
             self.abort(model, name)
@@ -294,8 +359,10 @@ class LoRALearner(Learner):
         if self.nested:
             from .gates import add_gates
 
-            self._draw = (add_gates(model, name, lambda layer, r: torch.ones(r), trainable=False),
-                          torch.Generator().manual_seed(self.train.seed))
+            self._draw = (
+                add_gates(model, name, lambda layer, r: torch.ones(r), trainable=False),
+                torch.Generator().manual_seed(self.train.seed),
+            )
             self._nest()
 
     def _nest(self) -> None:

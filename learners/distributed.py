@@ -97,7 +97,11 @@ def shard(n: int) -> slice:
 
 
 def _reduce_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_sum(values: Sequence[float]) -> list[float]:
@@ -119,17 +123,22 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> 
     if not is_distributed():
         return loss.detach()
     dev = loss.device
-    dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)  # float64 stays
+    dtype = functools.reduce(
+        torch.promote_types, [p.dtype for p in params], torch.float32
+    )  # float64 stays
     flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=dev)
     parts = [loss.detach().to(dtype).reshape(1), flags]
-    parts += [(p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).reshape(-1) for p in params]
+    parts += [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).to(dtype).reshape(-1)
+        for p in params
+    ]
     flat = torch.cat(parts)
     dist.all_reduce(flat)
-    total, flags, offset = flat[0], flat[1:1 + len(params)], 1 + len(params)
+    total, flags, offset = flat[0], flat[1 : 1 + len(params)], 1 + len(params)
     for p, has in zip(params, flags.tolist(), strict=True):
         n = p.numel()
         if has:
-            p.grad = flat[offset:offset + n].view_as(p).to(p.dtype)
+            p.grad = flat[offset : offset + n].view_as(p).to(p.dtype)
         offset += n
     return total
 
@@ -145,7 +154,7 @@ def broadcast_tensors(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
             dist.broadcast(flat, src=src)
             offset = 0
             for t in group:
-                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
 

@@ -58,8 +58,12 @@ class RankScale(nn.Module):
         return b * self.vector().view(shape).to(b.dtype)
 
 
-def add_gates(model: nn.Module, name: str, init: Callable[[AdapterLayer, int], torch.Tensor],
-              trainable: bool = True) -> dict[str, RankScale]:
+def add_gates(
+    model: nn.Module,
+    name: str,
+    init: Callable[[AdapterLayer, int], torch.Tensor],
+    trainable: bool = True,
+) -> dict[str, RankScale]:
     """Gate every layer carrying adapter ``name``; ``init(layer, rank)`` gives the gate values."""
     gates = {}
     for layer in sb.adapter_layers(model):
@@ -78,7 +82,9 @@ def gated(layer: AdapterLayer, name: str) -> bool:
 
 def raw_B(layer: AdapterLayer, name: str) -> torch.Tensor:
     """B as trained (the Parameter under the gate)."""
-    return layer.lora_B.parametrizations[name].original if gated(layer, name) else layer.lora_B[name]
+    return (
+        layer.lora_B.parametrizations[name].original if gated(layer, name) else layer.lora_B[name]
+    )
 
 
 def remove_gates(model: nn.Module, name: str, fold: bool = True) -> None:
@@ -98,8 +104,13 @@ def raw_sites(layer: AdapterLayer, name: str) -> Iterator[tuple[torch.Tensor, to
         yield a.flatten(1), b.flatten(1)
 
 
-def param_groups(model: nn.Module, lr: float, b_ratio: float, weight_decay: float = 0.0,
-                 gate_lr: float | None = None) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    lr: float,
+    b_ratio: float,
+    weight_decay: float = 0.0,
+    gate_lr: float | None = None,
+) -> list[dict]:
     """LoRA+ groups that see through gates: raw B at ``lr * b_ratio``; gates at ``gate_lr``
     (default ``lr * b_ratio``: a gate scales B's columns and, at A's rate, moved too little
     in a few hundred steps to tell ranks apart), without weight decay (decay would fight
@@ -113,8 +124,20 @@ def param_groups(model: nn.Module, lr: float, b_ratio: float, weight_decay: floa
                     gate_ids.update(id(p) for p in m.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) not in b_ids | gate_ids], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in b_ids], "lr": lr * b_ratio, "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in gate_ids], "lr": gate_lr or lr * b_ratio, "weight_decay": 0.0},
+        {
+            "params": [p for p in trainable if id(p) not in b_ids | gate_ids],
+            "lr": lr,
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [p for p in trainable if id(p) in b_ids],
+            "lr": lr * b_ratio,
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [p for p in trainable if id(p) in gate_ids],
+            "lr": gate_lr or lr * b_ratio,
+            "weight_decay": 0.0,
+        },
     ]
     return [g for g in groups if g["params"]]

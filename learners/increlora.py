@@ -67,7 +67,9 @@ class IncreLoRA(Learner):
             raise sb.ConfigError("need 0 <= warmup < final <= 1")
 
     def lora_config(self, task) -> sb.LoRAConfig:
-        return sb.LoRAConfig(rank=self.rank, alpha=self.alpha or 16.0, targets=tuple(self.targets), head=self.head)
+        return sb.LoRAConfig(
+            rank=self.rank, alpha=self.alpha or 16.0, targets=tuple(self.targets), head=self.head
+        )
 
     def prepare(self, model: nn.Module, task, bank, name: str) -> None:
         super().prepare(model, task, bank, name)
@@ -80,8 +82,10 @@ class IncreLoRA(Learner):
         self._adapter, self._ema, self.history = name, {}, []
         self._gates = add_gates(model, name, lambda layer, r: torch.zeros(r))
         self._n = dict.fromkeys(self._gates, 1)
-        self._norm = {layer.path: math.sqrt(sum(b.shape[0] * a.shape[1] for a, b in raw_sites(layer, name)))
-                      for layer in self._layers(model)}
+        self._norm = {
+            layer.path: math.sqrt(sum(b.shape[0] * a.shape[1] for a, b in raw_sites(layer, name)))
+            for layer in self._layers(model)
+        }
         for path in self._gates:
             self._refresh(path)
 
@@ -109,16 +113,26 @@ class IncreLoRA(Learner):
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if not self.orth:
             return None
-        terms = [orthogonality(a[:self._n[layer.path]], b[:, :self._n[layer.path]])
-                 for layer in self._layers(model) for a, b in raw_sites(layer, self._adapter)]
+        terms = [
+            orthogonality(a[: self._n[layer.path]], b[:, : self._n[layer.path]])
+            for layer in self._layers(model)
+            for a, b in raw_sites(layer, self._adapter)
+        ]
         return self.orth * torch.stack(terms).mean()
 
     @torch.no_grad()
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         scores = {}
         for layer in self._layers(model):
-            params = (layer.lora_A[self._adapter], raw_B(layer, self._adapter), self._gates[layer.path].gate)
-            now = sum(float((p * p.grad).abs().sum()) for p in params if p.grad is not None) / self._norm[layer.path]
+            params = (
+                layer.lora_A[self._adapter],
+                raw_B(layer, self._adapter),
+                self._gates[layer.path].gate,
+            )
+            now = (
+                sum(float((p * p.grad).abs().sum()) for p in params if p.grad is not None)
+                / self._norm[layer.path]
+            )
             i_bar, u_bar = self._ema.get(layer.path, (now, 0.0))
             i_bar = self.beta1 * i_bar + (1 - self.beta1) * now
             u_bar = self.beta2 * u_bar + (1 - self.beta2) * abs(now - i_bar)
@@ -130,9 +144,13 @@ class IncreLoRA(Learner):
         interval = self.interval or max(1, (t_f - t_w) // events)
         if step >= t_w and (step - t_w) % interval == 0 and spent < self.total_budget:
             room = [p for p in scores if self._n[p] < self.rank]
-            for path in sorted(room, key=scores.get, reverse=True)[:min(self.top_h, self.total_budget - spent)]:
+            for path in sorted(room, key=scores.get, reverse=True)[
+                : min(self.top_h, self.total_budget - spent)
+            ]:
                 g, n = self._gates[path], self._n[path]
-                g.gate[n] = self.reserve  # the reserve becomes an active rank; the next one is reserved
+                g.gate[n] = (
+                    self.reserve
+                )  # the reserve becomes an active rank; the next one is reserved
                 self._n[path] = n + 1
                 self._refresh(path)
         self.history.append(sum(self._n.values()))
@@ -146,8 +164,14 @@ class IncreLoRA(Learner):
         remove_gates(model, name, fold=True)
         full = super().finish(model, task, name)
         keep = {p: range(n) for p, n in self._n.items()}
-        skill = select_ranks(full, keep, chosen_ranks=dict(self._n), r_max=self.rank,
-                             rank_budget=self.total_budget, rank_history=list(self.history))
+        skill = select_ranks(
+            full,
+            keep,
+            chosen_ranks=dict(self._n),
+            r_max=self.rank,
+            rank_budget=self.total_budget,
+            rank_history=list(self.history),
+        )
         sb.remove_adapter(model, name)
         sb.attach(model, skill, name, load_head=False)
         self._gates = {}

@@ -68,7 +68,9 @@ class Orthogonal(Learner):
     _old_delta: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _cov: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _adapter: str = field(default="", init=False, repr=False, compare=False)
-    memory: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # InfLoRA's M per module
+    memory: dict = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )  # InfLoRA's M per module
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -86,13 +88,28 @@ class Orthogonal(Learner):
         sb.set_active(model, self._past + [name])
         layers = [layer for layer in sb.adapter_layers(model) if name in layer.lora_A]
         with torch.no_grad():
-            self._old_a = {layer.path: [torch.cat([list(raw_sites(layer, n))[i][0] for n in self._past
-                                                  if n in layer.lora_A]).detach()
-                                        for i in range(len(list(raw_sites(layer, name))))]
-                           for layer in layers if any(n in layer.lora_A for n in self._past)}
-            self._old_delta = {layer.path: [layer.delta_weight(((n, 1.0),)).flatten(1).detach()
-                                            for n in self._past if n in layer.lora_A]
-                               for layer in layers} if self.pego else {}
+            self._old_a = {
+                layer.path: [
+                    torch.cat(
+                        [list(raw_sites(layer, n))[i][0] for n in self._past if n in layer.lora_A]
+                    ).detach()
+                    for i in range(len(list(raw_sites(layer, name))))
+                ]
+                for layer in layers
+                if any(n in layer.lora_A for n in self._past)
+            }
+            self._old_delta = (
+                {
+                    layer.path: [
+                        layer.delta_weight(((n, 1.0),)).flatten(1).detach()
+                        for n in self._past
+                        if n in layer.lora_A
+                    ]
+                    for layer in layers
+                }
+                if self.pego
+                else {}
+            )
         if self.init == "inflora":
             self._inflora_init(model, task, layers, name)
 
@@ -100,8 +117,10 @@ class Orthogonal(Learner):
         from storage.names import base_id
 
         paths = [layer.path for layer in sb.adapter_layers(model) if name in layer.lora_A]
-        fp = {p: {k: v for k, v in sig.items() if k != "sha256"}
-              for p, sig in sb.fingerprint(model, paths).to_dict().items()}
+        fp = {
+            p: {k: v for k, v in sig.items() if k != "sha256"}
+            for p, sig in sb.fingerprint(model, paths).to_dict().items()
+        }
         for rec in bank.list(base_id=base_id(fp), **self.bank_where):
             skill = bank.get(str(rec.ref))
             if skill.name not in sb.adapter_names(model):
@@ -127,6 +146,7 @@ class Orthogonal(Learner):
                 acc = sums.setdefault(layer.path, [0.0, 0])
                 acc[0] = acc[0] + x.T @ x
                 acc[1] += len(x)
+
             return collect
 
         handles = [layer.register_forward_pre_hook(hook(layer)) for layer in layers]
@@ -138,7 +158,7 @@ class Orthogonal(Learner):
             device = next(model.parameters()).device
             bs = self.train.batch_size
             for i in range(min(self.cov_batches, -(-len(order) // bs))):
-                model(task.x_train[order[i * bs:(i + 1) * bs]].to(device))
+                model(task.x_train[order[i * bs : (i + 1) * bs]].to(device))
         finally:
             for h in handles:
                 h.remove()
@@ -151,7 +171,7 @@ class Orthogonal(Learner):
             m = self._span(layer)
             proj = torch.eye(len(cov), device=cov.device) - (m @ m.T if m is not None else 0)
             vals, vecs = torch.linalg.eigh(proj @ cov @ proj)
-            a = vecs[:, vals.argsort(descending=True)[:layer.ranks[name]]].T / 3 ** 0.5
+            a = vecs[:, vals.argsort(descending=True)[: layer.ranks[name]]].T / 3**0.5
             p = layer.lora_A[name]
             p.copy_(a.expand(3, *a.shape) if p.dim() == 3 else a.reshape(p.shape))
             p.requires_grad_(False)
@@ -176,7 +196,11 @@ class Orthogonal(Learner):
         vals, vecs = torch.linalg.eigh(proj @ cov @ proj)
         vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
         target = self.energy * total
-        k = 0 if kept >= target else min(len(vals), int((kept + torch.cumsum(vals, 0) < target).sum()) + 1)
+        k = (
+            0
+            if kept >= target
+            else min(len(vals), int((kept + torch.cumsum(vals, 0) < target).sum()) + 1)
+        )
         new = vecs[:, :k]
         self.memory[layer.path] = new if m is None else torch.cat([m, new], dim=1)
 
@@ -188,13 +212,20 @@ class Orthogonal(Learner):
                 continue
             sites = list(raw_sites(layer, self._adapter))
             if self.lam and self.init == "lora" and layer.path in self._old_a:
-                terms.append(self.lam * sum(olora(old, a) for old, (a, _) in zip(self._old_a[layer.path], sites,
-                                                                                  strict=True)))
+                terms.append(
+                    self.lam
+                    * sum(
+                        olora(old, a)
+                        for old, (a, _) in zip(self._old_a[layer.path], sites, strict=True)
+                    )
+                )
             if self.pego:
                 a, b = layer.factors_2d(self._adapter)
                 delta = layer.scaling[self._adapter] * (b @ a)
                 w0 = layer.base_weight().detach().flatten(1)
-                terms.append(self.pego_weight * pego(w0, delta, self._old_delta.get(layer.path, [])))
+                terms.append(
+                    self.pego_weight * pego(w0, delta, self._old_delta.get(layer.path, []))
+                )
         return torch.stack(terms).sum() if terms else None
 
     # -------------------------------------------------------------- finish
@@ -204,8 +235,12 @@ class Orthogonal(Learner):
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
         skill = super().finish(model, task, name)
         past = [sb.Skill.from_model(model, n) for n in self._past]
-        skill.metadata.update(overlap=subspace_overlap(skill, past), past=list(self._past), init=self.init,
-                              pego=self.pego)
+        skill.metadata.update(
+            overlap=subspace_overlap(skill, past),
+            past=list(self._past),
+            init=self.init,
+            pego=self.pego,
+        )
         if self.init == "inflora":
             for layer in sb.adapter_layers(model):
                 if layer.path in self._cov:

@@ -64,11 +64,26 @@ class Composition(nn.Module):
     ``residual`` (its head) add on top.
     """
 
-    def __init__(self, model: nn.Module, names: list[str], heads: tuple[torch.Tensor, torch.Tensor],
-                 compositor: Compositor, *, head: str = "head", space: str = "parameter",
-                 task_context: torch.Tensor | None = None, residual: nn.Linear | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        names: list[str],
+        heads: tuple[torch.Tensor, torch.Tensor],
+        compositor: Compositor,
+        *,
+        head: str = "head",
+        space: str = "parameter",
+        task_context: torch.Tensor | None = None,
+        residual: nn.Linear | None = None,
+    ) -> None:
         super().__init__()
-        self.model, self.names, self.compositor, self.head_name, self.space = model, list(names), compositor, head, space
+        self.model, self.names, self.compositor, self.head_name, self.space = (
+            model,
+            list(names),
+            compositor,
+            head,
+            space,
+        )
         self.register_buffer("head_w", heads[0])
         self.register_buffer("head_b", heads[1])
         self.register_buffer("task_context", task_context)
@@ -96,7 +111,9 @@ class Composition(nn.Module):
         k, n = len(self.names), len(x)
         rows = [name for name in self.names for _ in range(n)]
         with sb.mixed_batch(self.model, rows):
-            f = pre_logits(self.model, x.repeat(k, *([1] * (x.dim() - 1))), self.head_name).view(k, n, -1)
+            f = pre_logits(self.model, x.repeat(k, *([1] * (x.dim() - 1))), self.head_name).view(
+                k, n, -1
+            )
         logits = torch.einsum("kcd,knd->knc", self.head_w, f) + self.head_b[:, None]
         return torch.einsum("nk,knc->nc", alpha, logits)
 
@@ -110,8 +127,9 @@ class Composition(nn.Module):
             self.train(was)
 
 
-def attach_skills(model: nn.Module, bank: sb.SkillBank, refs: list[str], prefix: str,
-                  head: str) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor]]:
+def attach_skills(
+    model: nn.Module, bank: sb.SkillBank, refs: list[str], prefix: str, head: str
+) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor]]:
     """Attach the skills ``refs`` frozen and inactive as ``<prefix>-k<i>``; their adapter
     names and stacked heads. Nothing stays active, so only a composition uses them."""
     skills = [bank.get(r) for r in refs]
@@ -122,7 +140,9 @@ def attach_skills(model: nn.Module, bank: sb.SkillBank, refs: list[str], prefix:
     return names, stack_heads(skills, model, head)
 
 
-def stack_heads(skills: list[sb.Skill], model: nn.Module, head: str) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_heads(
+    skills: list[sb.Skill], model: nn.Module, head: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Head weights (K, C, D) and biases (K, C) of ``skills``; the model's own head stands
     in for a skill stored without one."""
     own = model.get_submodule(head)
@@ -130,7 +150,9 @@ def stack_heads(skills: list[sb.Skill], model: nn.Module, head: str) -> tuple[to
     b = [s.head.get(f"{head}.bias", own.bias.detach().cpu()) for s in skills]
     shapes = {tuple(t.shape) for t in w}
     if len(shapes) > 1:
-        raise sb.ConfigError(f"the skills' heads differ in shape ({sorted(shapes)}); PSEC mixes heads of one shape")
+        raise sb.ConfigError(
+            f"the skills' heads differ in shape ({sorted(shapes)}); PSEC mixes heads of one shape"
+        )
     dev = own.weight.device
     return torch.stack(w).float().to(dev), torch.stack(b).float().to(dev)
 
@@ -163,15 +185,23 @@ class PSEC(Learner):
     # The new LoRA learns from a handful of images: a small rate, no LoRA+ ratio
     # (at 3e-3 with ratio 16 it overfitted and cost 30 points against compose).
     expand_lr: float = 1e-3
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, steps=200, batch_size=64, lr=3e-3))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=1, steps=200, batch_size=64, lr=3e-3)
+    )
 
     def __post_init__(self) -> None:
-        for value, allowed, what in ((self.mode, MODES, "mode"), (self.space, SPACES, "space"),
-                                     (self.context, CONTEXTS, "context"), (self.weighting, WEIGHTINGS, "weighting")):
+        for value, allowed, what in (
+            (self.mode, MODES, "mode"),
+            (self.space, SPACES, "space"),
+            (self.context, CONTEXTS, "context"),
+            (self.weighting, WEIGHTINGS, "weighting"),
+        ):
             if value not in allowed:
                 raise sb.ConfigError(f"PSEC {what} must be one of {allowed}, got {value!r}")
         if self.mode == "expand" and self.space == "output":
-            raise sb.ConfigError("expand trains a LoRA inside the model: it needs space='parameter'")
+            raise sb.ConfigError(
+                "expand trains a LoRA inside the model: it needs space='parameter'"
+            )
         if self.k < 1:
             raise sb.ConfigError(f"k must be positive, got {self.k}")
         if self.skills is not None:
@@ -189,12 +219,28 @@ class PSEC(Learner):
             comp = self.build(model, task, bank, refs, name)
             desc = f"psec-{self.mode}:{task.name}"
             groups = [{"params": list(comp.compositor.parameters()), "lr": self.compositor_lr}]
-            train(comp, task.x_train, task.y_train, self.train, desc=desc, groups=lambda m, cfg: groups)
-            if self.mode == "expand":  # then the new LoRA joins, from a compositor that already works
+            train(
+                comp,
+                task.x_train,
+                task.y_train,
+                self.train,
+                desc=desc,
+                groups=lambda m, cfg: groups,
+            )
+            if (
+                self.mode == "expand"
+            ):  # then the new LoRA joins, from a compositor that already works
                 self.expand(model, comp, name)
                 groups += sb.param_groups(model, self.expand_lr, b_ratio=1.0)
                 groups.append({"params": list(comp.residual.parameters()), "lr": self.expand_lr})
-                train(comp, task.x_train, task.y_train, self.train, desc=desc, groups=lambda m, cfg: groups)
+                train(
+                    comp,
+                    task.x_train,
+                    task.y_train,
+                    self.train,
+                    desc=desc,
+                    groups=lambda m, cfg: groups,
+                )
             return self._skill(model, task, comp, refs, name)
         finally:
             for added in set(sb.adapter_names(model)) - before:
@@ -214,7 +260,9 @@ class PSEC(Learner):
             raise sb.ConfigError("the bank has no skill with an example embedding to compose")
         return [str(h.ref) for h in hits]
 
-    def build(self, model: nn.Module, task, bank: sb.SkillBank, refs: list[str], name: str) -> Composition:
+    def build(
+        self, model: nn.Module, task, bank: sb.SkillBank, refs: list[str], name: str
+    ) -> Composition:
         """Attach the skills (frozen, inactive) and a fresh compositor over them."""
         names, heads = attach_skills(model, bank, refs, name, self.head)
         for p in model.parameters():
@@ -223,43 +271,81 @@ class PSEC(Learner):
         context = None
         if self.context == "task":
             with sb.disabled(model):
-                context = torch.as_tensor(sb.example_embedding(model, task.x_train)[0]).to(heads[0].device)
-        comp = Composition(model, names, heads, Compositor(d, len(refs), self.hidden, self.weighting),
-                           head=self.head, space=self.space, task_context=context)
+                context = torch.as_tensor(sb.example_embedding(model, task.x_train)[0]).to(
+                    heads[0].device
+                )
+        comp = Composition(
+            model,
+            names,
+            heads,
+            Compositor(d, len(refs), self.hidden, self.weighting),
+            head=self.head,
+            space=self.space,
+            task_context=context,
+        )
         return comp.to(heads[0].device)
 
     def expand(self, model: nn.Module, comp: Composition, name: str) -> None:
         """Add the new LoRA (trainable, active) and a zero residual head to ``comp``."""
-        sb.add_adapter(model, name, sb.LoRAConfig(rank=self.rank, alpha=self.alpha or 2.0 * self.rank,
-                                                  targets=tuple(self.targets)))
+        sb.add_adapter(
+            model,
+            name,
+            sb.LoRAConfig(
+                rank=self.rank, alpha=self.alpha or 2.0 * self.rank, targets=tuple(self.targets)
+            ),
+        )
         d, c = comp.head_w.shape[-1], comp.head_w.shape[1]
         comp.residual = nn.Linear(d, c).to(comp.head_w.device)
         nn.init.zeros_(comp.residual.weight)
         nn.init.zeros_(comp.residual.bias)
 
-    def _skill(self, model: nn.Module, task, comp: Composition, refs: list[str], name: str) -> sb.Skill:
+    def _skill(
+        self, model: nn.Module, task, comp: Composition, refs: list[str], name: str
+    ) -> sb.Skill:
         alpha = comp.mean_alpha(task.x_train)
         if self.mode == "expand":
             skill = sb.Skill.from_model(model, name)
-            skill.head = {f"{self.head}.{k}": v.detach().cpu().clone() for k, v in comp.residual.state_dict().items()}
+            skill.head = {
+                f"{self.head}.{k}": v.detach().cpu().clone()
+                for k, v in comp.residual.state_dict().items()
+            }
         else:  # the exact merge of the skills at the task's mean weights: usable without the compositor
             parts = [sb.Skill.from_model(model, n) for n in comp.names]
             skill = sb.compose(parts, alpha.tolist(), method="cat")
             skill.name = name
-            skill.head = {f"{self.head}.weight": torch.einsum("k,kcd->cd", alpha, comp.head_w.cpu()),
-                          f"{self.head}.bias": alpha @ comp.head_b.cpu()}
-        skill.extras = {f"compositor.{k}": v.detach().cpu().clone() for k, v in comp.compositor.state_dict().items()}
+            skill.head = {
+                f"{self.head}.weight": torch.einsum("k,kcd->cd", alpha, comp.head_w.cpu()),
+                f"{self.head}.bias": alpha @ comp.head_b.cpu(),
+            }
+        skill.extras = {
+            f"compositor.{k}": v.detach().cpu().clone()
+            for k, v in comp.compositor.state_dict().items()
+        }
         if comp.task_context is not None:
             skill.extras["context"] = comp.task_context.detach().cpu().clone()
-        skill.metadata.update({
-            "learner": self.name, "task": task.name, "classes": list(task.classes), "parents": refs,
-            "psec": {"mode": self.mode, "space": self.space, "context": self.context, "weighting": self.weighting,
-                     "hidden": self.hidden, "skills": refs, "mean_alpha": [round(float(a), 4) for a in alpha]},
-        })
+        skill.metadata.update(
+            {
+                "learner": self.name,
+                "task": task.name,
+                "classes": list(task.classes),
+                "parents": refs,
+                "psec": {
+                    "mode": self.mode,
+                    "space": self.space,
+                    "context": self.context,
+                    "weighting": self.weighting,
+                    "hidden": self.hidden,
+                    "skills": refs,
+                    "mean_alpha": [round(float(a), 4) for a in alpha],
+                },
+            }
+        )
         return skill
 
 
-def restore(model: nn.Module, skill: sb.Skill, bank: sb.SkillBank, head: str = "head") -> Composition:
+def restore(
+    model: nn.Module, skill: sb.Skill, bank: sb.SkillBank, head: str = "head"
+) -> Composition:
     """The per-sample composition a PSEC skill was trained as, rebuilt on ``model`` from
     ``bank`` (the skills it names are attached frozen, under the skill's name)."""
     meta = skill.metadata.get("psec")
@@ -268,14 +354,26 @@ def restore(model: nn.Module, skill: sb.Skill, bank: sb.SkillBank, head: str = "
     refs = list(meta["skills"])
     names, heads = attach_skills(model, bank, refs, skill.name, head)
     d, c = heads[0].shape[-1], heads[0].shape[1]
-    comp_state = {k[len("compositor."):]: v for k, v in skill.extras.items() if k.startswith("compositor.")}
+    comp_state = {
+        k[len("compositor.") :]: v for k, v in skill.extras.items() if k.startswith("compositor.")
+    }
     compositor = Compositor(d, len(refs), int(meta["hidden"]), meta["weighting"])
     compositor.load_state_dict(comp_state)
     residual = None
     if meta["mode"] == "expand":
         sb.attach(model, skill, skill.name, load_head=False)
         residual = nn.Linear(d, c)
-        residual.load_state_dict({"weight": skill.head[f"{head}.weight"], "bias": skill.head[f"{head}.bias"]})
-    comp = Composition(model, names, heads, compositor, head=head, space=meta["space"],
-                       task_context=skill.extras.get("context"), residual=residual)
+        residual.load_state_dict(
+            {"weight": skill.head[f"{head}.weight"], "bias": skill.head[f"{head}.bias"]}
+        )
+    comp = Composition(
+        model,
+        names,
+        heads,
+        compositor,
+        head=head,
+        space=meta["space"],
+        task_context=skill.extras.get("context"),
+        residual=residual,
+    )
     return comp.to(heads[0].device).eval()

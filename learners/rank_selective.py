@@ -74,8 +74,12 @@ class RankSelective(Learner):
             raise sb.ConfigError(f"need 0 < target_rank <= rank ({self.rank}) and delta_t >= 1")
 
     def lora_config(self, task) -> sb.LoRAConfig:
-        return sb.LoRAConfig(rank=self.rank, alpha=self.alpha or float(self.rank), targets=tuple(self.targets),
-                             head=self.head)
+        return sb.LoRAConfig(
+            rank=self.rank,
+            alpha=self.alpha or float(self.rank),
+            targets=tuple(self.targets),
+            head=self.head,
+        )
 
     def prepare(self, model: nn.Module, task, bank, name: str) -> None:
         super().prepare(model, task, bank, name)
@@ -101,7 +105,11 @@ class RankSelective(Learner):
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         if self.method != "adalora" or not self.orth:
             return None
-        terms = [orthogonality(a, b) for layer in self._layers(model) for a, b in raw_sites(layer, self._adapter)]
+        terms = [
+            orthogonality(a, b)
+            for layer in self._layers(model)
+            for a, b in raw_sites(layer, self._adapter)
+        ]
         return self.orth * torch.stack(terms).mean()
 
     def _layers(self, model: nn.Module) -> list:
@@ -122,7 +130,9 @@ class RankSelective(Learner):
         k = min(self.increments, math.ceil(self.increments * (step - t0 + 1) / max(1, total - t0)))
         # A proximal step is lr-sized: with the cosine schedule's lr near zero at the end, a
         # constant kappa would keep shrinking gates that gradients can no longer defend.
-        decay = 0.5 * (1 + math.cos(math.pi * step / total)) if self.train.schedule == "cosine" else 1.0
+        decay = (
+            0.5 * (1 + math.cos(math.pi * step / total)) if self.train.schedule == "cosine" else 1.0
+        )
         kappa = self.max_kappa * k / self.increments * decay
         for g in self._gates.values():
             w = g.gate
@@ -131,9 +141,17 @@ class RankSelective(Learner):
     def _prune(self, model: nn.Module, step: int, total: int) -> None:
         scores = {}
         for layer in self._layers(model):
-            a, b, e = layer.lora_A[self._adapter], raw_B(layer, self._adapter), self._gates[layer.path].gate
-            s = [self._importance(f"{layer.path}:{k}", p) for k, p in (("A", a), ("B", b), ("E", e))]
-            scores[layer.path] = s[2] + per_rank(s[0], rank_axis(a, "A")) + per_rank(s[1], rank_axis(b, "B"))
+            a, b, e = (
+                layer.lora_A[self._adapter],
+                raw_B(layer, self._adapter),
+                self._gates[layer.path].gate,
+            )
+            s = [
+                self._importance(f"{layer.path}:{k}", p) for k, p in (("A", a), ("B", b), ("E", e))
+            ]
+            scores[layer.path] = (
+                s[2] + per_rank(s[0], rank_axis(a, "A")) + per_rank(s[1], rank_axis(b, "B"))
+            )
         t_i, t_f = int(self.warmup * total), int((1 - self.final) * total)
         if step < t_i or (step % self.delta_t and step != total - 1):
             return
@@ -169,7 +187,11 @@ class RankSelective(Learner):
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
         keep: dict[str, Any] = {}
         for path, g in self._gates.items():
-            kept = g.gate != 0 if self.method == "codyra" else self._keep.get(path, torch.ones_like(g.gate, dtype=bool))
+            kept = (
+                g.gate != 0
+                if self.method == "codyra"
+                else self._keep.get(path, torch.ones_like(g.gate, dtype=bool))
+            )
             keep[path] = torch.nonzero(kept).flatten().tolist()
         remove_gates(model, name, fold=True)
         full = super().finish(model, task, name)

@@ -18,8 +18,12 @@ import skillbank as sb
 from skillbank.skill import site_module
 
 
-def select_ranks(skill: sb.Skill, keep: dict[str, Sequence[int]], scale: dict[str, float] | None = None,
-                 **metadata) -> sb.Skill:
+def select_ranks(
+    skill: sb.Skill,
+    keep: dict[str, Sequence[int]],
+    scale: dict[str, float] | None = None,
+    **metadata,
+) -> sb.Skill:
     """A copy of ``skill`` with only the rank indices ``keep[module]`` of each module.
 
     Modules left with no rank are dropped from the skill (their update is zero),
@@ -73,7 +77,11 @@ def _exact_config(config: dict, ranks: dict[str, int], scales: dict[str, float])
         head = sb.LoRAConfig.from_dict(config).head
     except Exception:
         head = config.get("head")
-    return sb.LoRAConfig(rank=max(ranks.values()), alpha=1.0, targets=tuple(exact.values()),
-                         rank_pattern={exact[p]: r for p, r in ranks.items()},
-                         alpha_pattern={exact[p]: scales[p] * r for p, r in ranks.items()},
-                         head=head).to_dict()
+    return sb.LoRAConfig(
+        rank=max(ranks.values()),
+        alpha=1.0,
+        targets=tuple(exact.values()),
+        rank_pattern={exact[p]: r for p, r in ranks.items()},
+        alpha_pattern={exact[p]: scales[p] * r for p, r in ranks.items()},
+        head=head,
+    ).to_dict()

@@ -48,7 +48,9 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 
 def norm_affine_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Weights and biases of every norm layer (what Tent trains)."""
-    return [p for m in norm_layers(model) for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)]
+    return [
+        p for m in norm_layers(model) for p in (m.weight, m.bias) if isinstance(p, nn.Parameter)
+    ]
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,9 @@ class TTAMethod:
 
     def setup(self, model: nn.Module, source=None) -> None:
         if not isinstance(model, nn.Module):
-            raise sb.ConfigError(f"{self.name}: setup needs an nn.Module, got {type(model).__name__}")
+            raise sb.ConfigError(
+                f"{self.name}: setup needs an nn.Module, got {type(model).__name__}"
+            )
         self.model = model.to(resolve_device(self.device)).eval()
         self.model.requires_grad_(False)
 
@@ -98,15 +102,21 @@ class TTAMethod:
             raise sb.ConfigError(f"{self.name}: call setup(model) before adapting")
 
 
-def online(method: TTAMethod, x: torch.Tensor, batch_size: int = 64,
-           on_batch: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+def online(
+    method: TTAMethod,
+    x: torch.Tensor,
+    batch_size: int = 64,
+    on_batch: Callable[[int, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
     """Run ``method`` over the unlabelled stream ``x`` in order; the predicted labels (CPU).
 
     The one online loop: batches in stream order, one ``step`` each, no labels
     anywhere. ``on_batch(i, logits)`` sees each batch's prediction.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
-        raise sb.ConfigError("online() takes a floating-point tensor of inputs (N x ...), and only that")
+        raise sb.ConfigError(
+            "online() takes a floating-point tensor of inputs (N x ...), and only that"
+        )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise sb.ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     method._require_setup()
@@ -145,13 +155,17 @@ class BNAdapt(TTAMethod):
 
     def __post_init__(self) -> None:
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
-            raise sb.ConfigError(f"bn_adapt: momentum must be in (0, 1] or None, got {self.momentum}")
+            raise sb.ConfigError(
+                f"bn_adapt: momentum must be in (0, 1] or None, got {self.momentum}"
+            )
 
     def setup(self, model: nn.Module, source=None) -> None:
         super().setup(model, source)
         bns = [m for m in self.model.modules() if _is_bn(m)]
         if not bns:
-            self.notes.append("no batch-norm layers: nothing to re-estimate, BN-adapt equals source-only")
+            self.notes.append(
+                "no batch-norm layers: nothing to re-estimate, BN-adapt equals source-only"
+            )
         for m in bns:
             m.train()  # batch statistics in the forward, running statistics updated
             m.momentum = self.momentum
@@ -174,7 +188,9 @@ class GradientMethod(TTAMethod):
         if not self.lr > 0:
             raise sb.ConfigError(f"{self.name}: lr must be positive, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
-            raise sb.ConfigError(f"{self.name}: optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+            raise sb.ConfigError(
+                f"{self.name}: optimizer must be 'adam' or 'sgd', got {self.optimizer!r}"
+            )
 
     def trainable(self, model: nn.Module) -> list[dict[str, Any]]:
         raise NotImplementedError
@@ -203,7 +219,9 @@ class GradientMethod(TTAMethod):
             self.make_optimizer()
         loss, logits = self.objective(x)
         if not torch.isfinite(loss):
-            raise TrainingError(f"{self.name}: loss became {loss.item()} at test batch {self.steps}")
+            raise TrainingError(
+                f"{self.name}: loss became {loss.item()} at test batch {self.steps}"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -257,7 +275,9 @@ def list_methods() -> list[str]:
 def create_method(name: str, **kwargs: Any) -> TTAMethod:
     """A TTA method by registered name; unknown names or options raise ConfigError."""
     if name not in TTA_METHODS:
-        raise sb.ConfigError(f"unknown test-time adaptation method {name!r}; choose from {list_methods()}")
+        raise sb.ConfigError(
+            f"unknown test-time adaptation method {name!r}; choose from {list_methods()}"
+        )
     cls = TTA_METHODS[name]
     known = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
     unknown = sorted(set(kwargs) - known)

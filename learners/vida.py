@@ -96,19 +96,26 @@ def augment(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
     angle = u(-math.pi / 18, math.pi / 18)
     scale = u(0.95, 1.05)
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, u(-1 / 7, 1 / 7)], 1),
-                         torch.stack([sin, cos, u(-1 / 7, 1 / 7)], 1)], 1)
+    theta = torch.stack(
+        [
+            torch.stack([cos, -sin, u(-1 / 7, 1 / 7)], 1),
+            torch.stack([sin, cos, u(-1 / 7, 1 / 7)], 1),
+        ],
+        1,
+    )
     grid = F.affine_grid(theta, list(xs.shape), align_corners=False)
     xs = F.grid_sample(xs, grid, mode="bilinear", padding_mode="border", align_corners=False)
     sigma = u(0.3, 1.0, 1, 1)
     k = torch.arange(-1, 2, device=x.device, dtype=x.dtype).view(1, 3)
-    w = torch.exp(-(k ** 2) / (2 * sigma ** 2))
+    w = torch.exp(-(k**2) / (2 * sigma**2))
     w = w / w.sum(1, keepdim=True)  # (m, 3): a separable 3-tap kernel per image
     c = xs.shape[1]
     flat = xs.reshape(1, m * c, *xs.shape[2:])
     kh = w.repeat_interleave(c, 0).view(m * c, 1, 1, 3)
     blurred = F.conv2d(F.pad(flat, (1, 1, 0, 0), mode="replicate"), kh, groups=m * c)
-    blurred = F.conv2d(F.pad(blurred, (0, 0, 1, 1), mode="replicate"), kh.transpose(2, 3), groups=m * c)
+    blurred = F.conv2d(
+        F.pad(blurred, (0, 0, 1, 1), mode="replicate"), kh.transpose(2, 3), groups=m * c
+    )
     use = (u(0, 1, 1, 1, 1) < 0.5).to(x.dtype)
     xs = use * blurred.view_as(xs) + (1 - use) * xs
     noise = torch.randn(xs.shape, generator=generator).to(x.device, x.dtype) * u(0.0, 0.05, 1, 1, 1)
@@ -143,10 +150,16 @@ class ViDA(GradientMethod):
     train_backbone: bool = False
     warmup_steps: int = 100  # adapters on the labelled source data before deployment; 0 skips
     warmup_lr: float = 1e-3
-    warmup_augment: float = 0.0  # fraction of each warm-up batch seen through the views' augmentations
-    adapt: bool = True  # False: predict with the warmed-up teacher, no test-time update (an ablation)
+    warmup_augment: float = (
+        0.0  # fraction of each warm-up batch seen through the views' augmentations
+    )
+    adapt: bool = (
+        True  # False: predict with the warmed-up teacher, no test-time update (an ablation)
+    )
     bank_skills: bool = True  # the protocol banks the adapted state at the end of each domain
-    retrieve: bool = False  # ... and starts a domain from a retrieved skill when one is close enough
+    retrieve: bool = (
+        False  # ... and starts a domain from a retrieved skill when one is close enough
+    )
     min_score: float = 0.95  # cosine similarity needed to start from a retrieved skill
 
     teacher: nn.Module | None = field(default=None, init=False, repr=False)
@@ -162,24 +175,40 @@ class ViDA(GradientMethod):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise sb.ConfigError(f"vida: {what} must be a positive int, got {v!r}")
         if self.views < 2:
-            raise sb.ConfigError(f"vida: views must be at least 2 (a variance needs two), got {self.views}")
+            raise sb.ConfigError(
+                f"vida: views must be at least 2 (a variance needs two), got {self.views}"
+            )
         if self.low_rank >= self.high_rank:
-            raise sb.ConfigError(f"vida: low_rank ({self.low_rank}) must be below high_rank ({self.high_rank})")
+            raise sb.ConfigError(
+                f"vida: low_rank ({self.low_rank}) must be below high_rank ({self.high_rank})"
+            )
         for what in ("ema", "ema_adapters"):
             v = getattr(self, what)
             if v is not None and not 0.0 <= v < 1.0:
                 raise sb.ConfigError(f"vida: {what} must be in [0, 1), got {v}")
-        if not (self.lr_other > 0 and self.warmup_lr > 0 and self.unc_factor > 0 and self.threshold >= 0):
-            raise sb.ConfigError("vida: lr_other, warmup_lr and unc_factor must be positive, threshold >= 0")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise sb.ConfigError(f"vida: warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if not (
+            self.lr_other > 0 and self.warmup_lr > 0 and self.unc_factor > 0 and self.threshold >= 0
+        ):
+            raise sb.ConfigError(
+                "vida: lr_other, warmup_lr and unc_factor must be positive, threshold >= 0"
+            )
+        if (
+            isinstance(self.warmup_steps, bool)
+            or not isinstance(self.warmup_steps, int)
+            or self.warmup_steps < 0
+        ):
+            raise sb.ConfigError(
+                f"vida: warmup_steps must be an int >= 0, got {self.warmup_steps!r}"
+            )
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         self.targets = tuple(self.targets)
         if not self.targets:
             raise sb.ConfigError("vida: targets is empty")
         if isinstance(self.warmup_augment, bool) or not 0.0 <= self.warmup_augment <= 1.0:
-            raise sb.ConfigError(f"vida: warmup_augment is a fraction in [0, 1], got {self.warmup_augment!r}")
+            raise sb.ConfigError(
+                f"vida: warmup_augment is a fraction in [0, 1], got {self.warmup_augment!r}"
+            )
         if not 0.0 < self.min_score <= 1.0:
             raise sb.ConfigError(f"vida: min_score must be in (0, 1], got {self.min_score}")
 
@@ -190,12 +219,20 @@ class ViDA(GradientMethod):
         super().setup(model, source)
         taken = {LOW, HIGH} & set(sb.adapter_names(self.model))
         if taken:
-            raise sb.ConfigError(f"vida: the model already has adapters {sorted(taken)}; give it a fresh source model")
-        with torch.random.fork_rng(devices=[]):  # A's draw follows ``seed``; the caller's RNG is left alone
+            raise sb.ConfigError(
+                f"vida: the model already has adapters {sorted(taken)}; give it a fresh source model"
+            )
+        with torch.random.fork_rng(
+            devices=[]
+        ):  # A's draw follows ``seed``; the caller's RNG is left alone
             torch.manual_seed(self.seed)
             for name, r in ((LOW, self.low_rank), (HIGH, self.high_rank)):
-                sb.add_adapter(self.model, name, sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets,
-                                                               init="gaussian"), activate=False)
+                sb.add_adapter(
+                    self.model,
+                    name,
+                    sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets, init="gaussian"),
+                    activate=False,
+                )
         self._layers = sb.adapter_layers(self.model)
         for layer in self._layers:
             for p in layer.adapter_parameters(LOW) + layer.adapter_parameters(HIGH):
@@ -203,11 +240,23 @@ class ViDA(GradientMethod):
         self._gen = torch.Generator().manual_seed(self.seed)
         self._set_scales(self._layers, (1.0, 1.0))
         if source is not None and self.warmup_steps:
-            train(self.model, source.x_train, source.y_train,
-                  TrainConfig(steps=self.warmup_steps, lr=self.warmup_lr, b_ratio=1.0, batch_size=64,
-                              seed=self.seed, device=self.device, progress=False, grad_clip=1.0),
-                  transform=self._warmup_transform if self.warmup_augment else None,
-                  desc="vida warm-up")
+            train(
+                self.model,
+                source.x_train,
+                source.y_train,
+                TrainConfig(
+                    steps=self.warmup_steps,
+                    lr=self.warmup_lr,
+                    b_ratio=1.0,
+                    batch_size=64,
+                    seed=self.seed,
+                    device=self.device,
+                    progress=False,
+                    grad_clip=1.0,
+                ),
+                transform=self._warmup_transform if self.warmup_augment else None,
+                desc="vida warm-up",
+            )
         if self.train_backbone:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -227,14 +276,21 @@ class ViDA(GradientMethod):
         return self.teacher if self.teacher is not None else self.model
 
     def _adapter_ids(self, model: nn.Module) -> set[int]:
-        return {id(p) for layer in sb.adapter_layers(model) for n in (LOW, HIGH) for p in layer.adapter_parameters(n)}
+        return {
+            id(p)
+            for layer in sb.adapter_layers(model)
+            for n in (LOW, HIGH)
+            for p in layer.adapter_parameters(n)
+        }
 
     def trainable(self, model: nn.Module) -> list[dict[str, Any]]:
         ids = self._adapter_ids(model)
         adapters = [p for p in model.parameters() if id(p) in ids]
         groups = [{"params": adapters, "lr": self.lr}]
         if self.train_backbone:
-            groups.append({"params": [p for p in model.parameters() if id(p) not in ids], "lr": self.lr_other})
+            groups.append(
+                {"params": [p for p in model.parameters() if id(p) not in ids], "lr": self.lr_other}
+            )
         return groups
 
     @staticmethod
@@ -268,7 +324,9 @@ class ViDA(GradientMethod):
         if self._pairs is None:
             ids = self._adapter_ids(self.model)
             groups: dict[bool, tuple[list, list]] = {True: ([], []), False: ([], [])}
-            for (_, t), (_, s) in zip(self.teacher.named_parameters(), self.model.named_parameters(), strict=True):
+            for (_, t), (_, s) in zip(
+                self.teacher.named_parameters(), self.model.named_parameters(), strict=True
+            ):
                 if s.requires_grad:
                     groups[id(s) in ids][0].append(t)
                     groups[id(s) in ids][1].append(s)
@@ -284,13 +342,22 @@ class ViDA(GradientMethod):
         if self.teacher is None:
             raise sb.ConfigError("vida: nothing adapted yet; call setup(model) first")
         branches = [sb.Skill.from_model(self.teacher, n) for n in (LOW, HIGH)]
-        skill = sb.compose(branches, [1.0, 1.0], method="cat", name=name)  # exact: factors side by side
+        skill = sb.compose(
+            branches, [1.0, 1.0], method="cat", name=name
+        )  # exact: factors side by side
         r = self.low_rank + self.high_rank
-        skill.config = sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets, init="gaussian").to_dict()
-        skill.metadata = {"learner": self.name, "vida": {"ranks": [self.low_rank, self.high_rank],
-                                                         "last_scales": list(self.scales),
-                                                         "backbone_trained": self.train_backbone},
-                          **(metadata or {})}
+        skill.config = sb.LoRAConfig(
+            rank=r, alpha=float(r), targets=self.targets, init="gaussian"
+        ).to_dict()
+        skill.metadata = {
+            "learner": self.name,
+            "vida": {
+                "ranks": [self.low_rank, self.high_rank],
+                "last_scales": list(self.scales),
+                "backbone_trained": self.train_backbone,
+            },
+            **(metadata or {}),
+        }
         return skill
 
     def load_skill(self, skill: sb.Skill) -> None:
@@ -300,12 +367,16 @@ class ViDA(GradientMethod):
             raise sb.ConfigError("vida: call setup(model) before loading a skill")
         info = skill.metadata.get("vida") if isinstance(skill.metadata, dict) else None
         if not isinstance(info, dict) or info.get("ranks") != [self.low_rank, self.high_rank]:
-            raise sb.ConfigError(f"skill {skill.name!r} is not a ViDA skill with ranks "
-                                 f"[{self.low_rank}, {self.high_rank}] (metadata: {info!r})")
+            raise sb.ConfigError(
+                f"skill {skill.name!r} is not a ViDA skill with ranks "
+                f"[{self.low_rank}, {self.high_rank}] (metadata: {info!r})"
+            )
         paths = [layer.path for layer in self._layers if LOW in layer.lora_A]
         diff = skill.fingerprint.first_difference(sb.fingerprint(self.model, paths), strict=False)
         if diff or set(map(sb.skill.site_module, skill.factors)) != set(paths):
-            raise sb.BaseMismatch(f"skill {skill.name!r} does not fit this model ({diff or 'different sites'})")
+            raise sb.BaseMismatch(
+                f"skill {skill.name!r} does not fit this model ({diff or 'different sites'})"
+            )
         skill.check_weights()
         r = self.low_rank
         for layers in (self._layers, self._teacher_layers):
@@ -313,8 +384,17 @@ class ViDA(GradientMethod):
                 sites = layer.get_factors(LOW).keys()
                 pieces = {s: skill.factors[layer.path + s] for s in sites}
                 with torch.no_grad():
-                    layer.set_factors(LOW, {s: (a[:r], b[:, :r] / layer.scaling[LOW]) for s, (a, b) in pieces.items()})
-                    layer.set_factors(HIGH, {s: (a[r:], b[:, r:] / layer.scaling[HIGH]) for s, (a, b) in pieces.items()})
+                    layer.set_factors(
+                        LOW,
+                        {s: (a[:r], b[:, :r] / layer.scaling[LOW]) for s, (a, b) in pieces.items()},
+                    )
+                    layer.set_factors(
+                        HIGH,
+                        {
+                            s: (a[r:], b[:, r:] / layer.scaling[HIGH])
+                            for s, (a, b) in pieces.items()
+                        },
+                    )
         self.opt = None
         self._pairs = None
 

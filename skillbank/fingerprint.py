@@ -35,8 +35,12 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, d: dict) -> Fingerprint:
-        return cls({p: ModuleSig(s["kind"], tuple(s["shape"]), s.get("dtype"), s.get("sha256"))
-                    for p, s in d.items()})
+        return cls(
+            {
+                p: ModuleSig(s["kind"], tuple(s["shape"]), s.get("dtype"), s.get("sha256"))
+                for p, s in d.items()
+            }
+        )
 
     def digest(self) -> str:
         """Hash of the structure (paths, kinds, shapes): equal for the same architecture."""
@@ -66,18 +70,30 @@ def _weight(module: nn.Module) -> torch.Tensor:
     return module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
 
 
-def fingerprint(model: nn.Module, paths: list[str] | None = None, hash_weights: bool = False) -> Fingerprint:
+def fingerprint(
+    model: nn.Module, paths: list[str] | None = None, hash_weights: bool = False
+) -> Fingerprint:
     """Fingerprint of ``paths`` (default: every adapted module) of ``model``."""
     mods = {}
     for site in walk(model):
         module = site.module
         if isinstance(module, AdapterLayer):
             if module.merged is not None:
-                raise RuntimeError("fingerprint of a merged model would hash merged weights; unmerge first")
+                raise RuntimeError(
+                    "fingerprint of a merged model would hash merged weights; unmerge first"
+                )
             module = module.base
-        if (paths is None and not isinstance(site.module, AdapterLayer)) or (paths is not None and site.path not in paths):
+        if (paths is None and not isinstance(site.module, AdapterLayer)) or (
+            paths is not None and site.path not in paths
+        ):
             continue
         w = _weight(module)
-        digest = hashlib.sha256(w.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest() if hash_weights else None
-        mods[site.path] = ModuleSig(type(module).__name__, tuple(w.shape), str(w.dtype).removeprefix("torch."), digest)
+        digest = (
+            hashlib.sha256(w.detach().cpu().contiguous().view(torch.uint8).numpy()).hexdigest()
+            if hash_weights
+            else None
+        )
+        mods[site.path] = ModuleSig(
+            type(module).__name__, tuple(w.shape), str(w.dtype).removeprefix("torch."), digest
+        )
     return Fingerprint(mods)

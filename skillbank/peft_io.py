@@ -42,7 +42,9 @@ def _lora_numbers(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict]:
     for key, ints in (("rank_pattern", True), ("alpha_pattern", False)):
         pattern = cfg.get(key) or {}
         if not isinstance(pattern, dict):
-            raise CorruptFile(f"{cfg_path}: '{key}' must be an object, got {type(pattern).__name__}")
+            raise CorruptFile(
+                f"{cfg_path}: '{key}' must be an object, got {type(pattern).__name__}"
+            )
         for module, value in pattern.items():
             real_number(value, f"{cfg_path}: {key}[{module!r}]", positive_int=ints)
         patterns.append(dict(pattern))
@@ -59,15 +61,21 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
     except Exception:
         raise CorruptFile(f"{cfg_path} is not a JSON object") from None
     if cfg.get("peft_type") != "LORA":
-        raise ConfigError(f"{folder} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA can become a skill")
+        raise ConfigError(
+            f"{folder} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA can become a skill"
+        )
     for key, what in _UNSUPPORTED.items():
         if cfg.get(key):
             raise ConfigError(f"{folder}: PEFT LoRA with {what} is not supported")
     if cfg.get("bias", "none") != "none" or cfg.get("lora_bias"):
-        raise ConfigError(f"{folder}: PEFT LoRA with trained biases (bias={cfg.get('bias')!r}) is not supported")
+        raise ConfigError(
+            f"{folder}: PEFT LoRA with trained biases (bias={cfg.get('bias')!r}) is not supported"
+        )
     if not weights.is_file():
         if (folder / "adapter_model.bin").is_file():
-            raise UnsafeFile(f"{folder} holds only adapter_model.bin (a pickle); skillbank reads safetensors only")
+            raise UnsafeFile(
+                f"{folder} holds only adapter_model.bin (a pickle); skillbank reads safetensors only"
+            )
         raise ConfigError(f"{folder} has no adapter_model.safetensors")
     r_default, alpha_default, rank_pattern, alpha_pattern = _lora_numbers(cfg, cfg_path)
 
@@ -81,7 +89,9 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
                 break
         else:
             if ".lora_" in path:
-                raise ConfigError(f"{weights}: unsupported LoRA tensor {key!r} (e.g. DoRA magnitudes, embeddings)")
+                raise ConfigError(
+                    f"{weights}: unsupported LoRA tensor {key!r} (e.g. DoRA magnitudes, embeddings)"
+                )
             head[path] = t
             continue
         module = path.split(f".{part}.")[0]
@@ -92,21 +102,39 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
             raise CorruptFile(f"{weights}: {key!r} has no matching lora_B")
         r = a.shape[0]
         if b.shape[1] != r:
-            raise CorruptFile(f"{weights}: {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}")
+            raise CorruptFile(
+                f"{weights}: {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}"
+            )
         kind = "Conv2d" if a.dim() == 4 else "Linear"
         mods[module] = ModuleSig(kind, (b.shape[0], *a.shape[1:]))
         factors[module] = (a.reshape(r, -1).contiguous(), b.reshape(b.shape[0], r).contiguous())
         alpha = float(_pattern(alpha_pattern, module, alpha_default))
         scales[module] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         if r != _pattern(rank_pattern, module, r_default):
-            raise CorruptFile(f"{weights}: {module!r} has rank {r}, the config says {_pattern(rank_pattern, module, r_default)}")
+            raise CorruptFile(
+                f"{weights}: {module!r} has rank {r}, the config says {_pattern(rank_pattern, module, r_default)}"
+            )
     if not factors:
         raise CorruptFile(f"{weights} holds no LoRA tensors")
-    heads = sorted({k.rpartition('.')[0] for k in head})
-    config = {"rank": r_default, "alpha": alpha_default, "targets": sorted(mods), "use_rslora": bool(cfg.get("use_rslora")),
-              "dropout": float(cfg.get("lora_dropout") or 0.0), "head": heads[0] if len(heads) == 1 else None}
-    skill = Skill(name or folder.name, factors, scales, config, Fingerprint(mods), head, {},
-                  {"source": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")})
+    heads = sorted({k.rpartition(".")[0] for k in head})
+    config = {
+        "rank": r_default,
+        "alpha": alpha_default,
+        "targets": sorted(mods),
+        "use_rslora": bool(cfg.get("use_rslora")),
+        "dropout": float(cfg.get("lora_dropout") or 0.0),
+        "head": heads[0] if len(heads) == 1 else None,
+    }
+    skill = Skill(
+        name or folder.name,
+        factors,
+        scales,
+        config,
+        Fingerprint(mods),
+        head,
+        {},
+        {"source": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")},
+    )
     skill.check_shapes()
     return skill
 
@@ -127,18 +155,30 @@ def write_peft(skill: Skill, folder: Path) -> Path:
     for module, (a, b) in skill.factors.items():
         shape = skill.fingerprint.modules[module].shape
         conv = len(shape) == 4
-        tensors[f"{_PREFIX}{module}.lora_A.weight"] = (a.reshape(a.shape[0], *shape[1:]) if conv else a).contiguous()
-        tensors[f"{_PREFIX}{module}.lora_B.weight"] = (b.reshape(*b.shape, 1, 1) if conv else b).contiguous()
+        tensors[f"{_PREFIX}{module}.lora_A.weight"] = (
+            a.reshape(a.shape[0], *shape[1:]) if conv else a
+        ).contiguous()
+        tensors[f"{_PREFIX}{module}.lora_B.weight"] = (
+            b.reshape(*b.shape, 1, 1) if conv else b
+        ).contiguous()
     for key, t in skill.head.items():
         tensors[f"{_PREFIX}{key}"] = t.contiguous()
     config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": skill.metadata.get("base_model_name_or_path"),
-        "r": r, "lora_alpha": alpha_default, "use_rslora": False, "lora_dropout": 0.0, "bias": "none",
-        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": skill.metadata.get("base_model_name_or_path"),
+        "r": r,
+        "lora_alpha": alpha_default,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
         "target_modules": sorted(skill.factors),
         "rank_pattern": {m: k for m, k in ranks.items() if k != r},
         "alpha_pattern": {m: a for m, a in alpha.items() if a != alpha_default},
-        "modules_to_save": sorted({k.rpartition('.')[0] for k in skill.head}) or None,
+        "modules_to_save": sorted({k.rpartition(".")[0] for k in skill.head}) or None,
     }
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))

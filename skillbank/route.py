@@ -53,8 +53,16 @@ class Router:
     limited to its skill's ``metadata["classes"]`` (class-incremental routing).
     """
 
-    def __init__(self, model: nn.Module, bank: SkillBank, *, space: str = EXAMPLES,
-                 where: Mapping[str, Any] | None = None, head: str = "head", mask_classes: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        bank: SkillBank,
+        *,
+        space: str = EXAMPLES,
+        where: Mapping[str, Any] | None = None,
+        head: str = "head",
+        mask_classes: bool = True,
+    ) -> None:
         self.model, self.bank, self.space, self.where = model, bank, space, where
         self.head, self.mask_classes = head, mask_classes
         self._skills: dict[str, tuple[str, Skill]] = {}
@@ -92,7 +100,7 @@ class Router:
         # cosine scores -> weights that sum to one per row (rows with fewer hits pad with zero)
         w = torch.zeros(len(x), k)
         for i, row in enumerate(scores):
-            w[i, :len(row)] = torch.softmax(torch.tensor(row) / 0.05, 0)
+            w[i, : len(row)] = torch.softmax(torch.tensor(row) / 0.05, 0)
         return Routed(self.mix(x, refs, w), refs, scores)
 
     @torch.no_grad()
@@ -127,7 +135,9 @@ class Router:
         mask = torch.where((mix > 0).to(pre.dtype) @ allowed > 0, 0.0, float("-inf"))
         return torch.einsum("nk,kcd,nd->nc", mix, w, pre) + mix @ b + mask
 
-    def _heads(self, chosen: list[str], pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _heads(
+        self, chosen: list[str], pre: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stacked head weights, biases and class masks of ``chosen``, like ``pre``."""
         head = self.model.get_submodule(self.head)
         weights, biases, masks = [], [], []

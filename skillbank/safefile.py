@@ -17,8 +17,23 @@ from safetensors.torch import load as _load
 from .errors import CorruptFile, InvalidName, UnsafeFile
 
 MAX_HEADER_BYTES = 64 * 1024 * 1024
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _refuse_pickle(data: bytes, what: str) -> None:
@@ -26,14 +41,18 @@ def _refuse_pickle(data: bytes, what: str) -> None:
     # so a file whose JSON header opens at byte 8 is never taken for a pickle.
     if data[8:9] == b"{":
         return
-    if data[:4] == b"PK\x03\x04" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if data[:4] == b"PK\x03\x04" or (
+        data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
         raise UnsafeFile(
             f"{what} is a pickle (torch.save / .bin / .pt) file; skillbank never unpickles files. "
             "Convert it with safetensors.torch.save_file where you trust it."
         )
 
 
-def read_safetensors(source: bytes | str | Path, what: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    source: bytes | str | Path, what: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file or bytes, checked before loading."""
     if isinstance(source, (str, Path)):
         what = what or str(source)
@@ -48,12 +67,16 @@ def read_safetensors(source: bytes | str | Path, what: str | None = None) -> tup
         raise CorruptFile(f"{what} is truncated ({len(data)} bytes): not a safetensors file")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8 or n > MAX_HEADER_BYTES:
-        raise UnsafeFile(f"{what} declares a {n}-byte header but holds {len(data) - 8} bytes after the length field")
+        raise UnsafeFile(
+            f"{what} declares a {n}-byte header but holds {len(data) - 8} bytes after the length field"
+        )
     try:
-        header = json.loads(data[8:8 + n])
+        header = json.loads(data[8 : 8 + n])
         assert isinstance(header, dict)
     except Exception:
-        raise CorruptFile(f"{what} has a header that is not a JSON object: not a safetensors file") from None
+        raise CorruptFile(
+            f"{what} has a header that is not a JSON object: not a safetensors file"
+        ) from None
     body = len(data) - 8 - n
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -63,11 +86,17 @@ def read_safetensors(source: bytes | str | Path, what: str | None = None) -> tup
             size = _DTYPE_BYTES[info["dtype"]]
             start, end = (int(o) for o in info["data_offsets"])
             numel = math.prod(int(d) for d in info["shape"])
-            ok = 0 <= start <= end <= body and min(info["shape"], default=0) >= 0 and numel * size == end - start
+            ok = (
+                0 <= start <= end <= body
+                and min(info["shape"], default=0) >= 0
+                and numel * size == end - start
+            )
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise CorruptFile(f"{what}: tensor {key!r} has an invalid or out-of-range entry {info!r}")
+            raise CorruptFile(
+                f"{what}: tensor {key!r} has an invalid or out-of-range entry {info!r}"
+            )
     try:
         tensors = _load(data)
     except Exception as e:

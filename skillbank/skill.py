@@ -62,8 +62,11 @@ class Skill:
 
     @property
     def num_params(self) -> int:
-        return (sum(a.numel() + b.numel() for a, b in self.factors.values()) + sum(t.numel() for t in self.head.values())
-                + sum(t.numel() for t in self.extras.values()))
+        return (
+            sum(a.numel() + b.numel() for a, b in self.factors.values())
+            + sum(t.numel() for t in self.head.values())
+            + sum(t.numel() for t in self.extras.values())
+        )
 
     def delta(self, site: str) -> torch.Tensor:
         """The dense update ``scale * B @ A`` of one site, shaped (fan_out, fan_in)."""
@@ -72,8 +75,14 @@ class Skill:
 
     # ------------------------------------------------------- from a model
     @classmethod
-    def from_model(cls, model: nn.Module, name: str, *, hash_weights: bool = False,
-                   metadata: dict | None = None) -> Skill:
+    def from_model(
+        cls,
+        model: nn.Module,
+        name: str,
+        *,
+        hash_weights: bool = False,
+        metadata: dict | None = None,
+    ) -> Skill:
         """Snapshot adapter ``name`` (and its config's head) from a live model."""
         configs = adapter_configs(model)
         if name not in configs:
@@ -89,9 +98,20 @@ class Skill:
         cfg = configs[name]
         head = {}
         if cfg.head:
-            head = {f"{cfg.head}.{k}": _snap(v) for k, v in _module(model, cfg.head).state_dict().items()}
-        return cls(name, factors, scales, cfg.to_dict(), fingerprint(model, paths, hash_weights),
-                   head, {}, dict(metadata or {}))
+            head = {
+                f"{cfg.head}.{k}": _snap(v)
+                for k, v in _module(model, cfg.head).state_dict().items()
+            }
+        return cls(
+            name,
+            factors,
+            scales,
+            cfg.to_dict(),
+            fingerprint(model, paths, hash_weights),
+            head,
+            {},
+            dict(metadata or {}),
+        )
 
     # --------------------------------------------------------------- files
     def to_bytes(self) -> bytes:
@@ -103,37 +123,61 @@ class Skill:
         for key, t in self.extras.items():
             tensors[f"extra:{key}"] = t.contiguous()
         for space, v in self.embeddings.items():
-            tensors[f"emb:{space}"] = torch.from_numpy(np.ascontiguousarray(np.atleast_2d(v), dtype=np.float32))
-        header = {"format": FORMAT, "name": self.name, "scales": self.scales, "config": self.config,
-                  "fingerprint": self.fingerprint.to_dict(), "metadata": self.metadata}
+            tensors[f"emb:{space}"] = torch.from_numpy(
+                np.ascontiguousarray(np.atleast_2d(v), dtype=np.float32)
+            )
+        header = {
+            "format": FORMAT,
+            "name": self.name,
+            "scales": self.scales,
+            "config": self.config,
+            "fingerprint": self.fingerprint.to_dict(),
+            "metadata": self.metadata,
+        }
         return _save(tensors, {"skillbank": json.dumps(header)})
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "skill") -> Skill:
         tensors, meta = read_safetensors(data, what)
         if "skillbank" not in meta:
-            raise CorruptFile(f"{what} is a safetensors file but not a skillbank skill (no 'skillbank' metadata)")
+            raise CorruptFile(
+                f"{what} is a safetensors file but not a skillbank skill (no 'skillbank' metadata)"
+            )
         try:
             header = json.loads(meta["skillbank"])
             if not isinstance(header, dict):
                 raise CorruptFile(f"{what}: the skill header is not a JSON object")
             if header.get("format") != FORMAT:
-                raise CorruptFile(f"{what} has skill format {header.get('format')!r}; this skillbank reads {FORMAT}")
-            _expect(what, header, {"name": str, "scales": dict, "config": dict, "fingerprint": dict})
+                raise CorruptFile(
+                    f"{what} has skill format {header.get('format')!r}; this skillbank reads {FORMAT}"
+                )
+            _expect(
+                what, header, {"name": str, "scales": dict, "config": dict, "fingerprint": dict}
+            )
             _expect(what, {"metadata": header.get("metadata", {})}, {"metadata": dict})
             factors = {}
             for site, scale in header["scales"].items():
                 a, b = tensors[f"A:{site}"], tensors[f"B:{site}"]
                 real_number(scale, f"{what}: scale of site {site!r}")
                 if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-                    raise CorruptFile(f"{what}: site {site!r} has factors {tuple(a.shape)} and {tuple(b.shape)}, not (r, in) and (out, r)")
+                    raise CorruptFile(
+                        f"{what}: site {site!r} has factors {tuple(a.shape)} and {tuple(b.shape)}, not (r, in) and (out, r)"
+                    )
                 factors[site] = (a, b)
             head = {k[5:]: t for k, t in tensors.items() if k.startswith("head:")}
             emb = {k[4:]: t.numpy() for k, t in tensors.items() if k.startswith("emb:")}
             extras = {k[6:]: t for k, t in tensors.items() if k.startswith("extra:")}
-            skill = cls(header["name"], factors, {k: float(v) for k, v in header["scales"].items()},
-                        header["config"], Fingerprint.from_dict(header["fingerprint"]), head, emb,
-                        header.get("metadata", {}), extras)
+            skill = cls(
+                header["name"],
+                factors,
+                {k: float(v) for k, v in header["scales"].items()},
+                header["config"],
+                Fingerprint.from_dict(header["fingerprint"]),
+                head,
+                emb,
+                header.get("metadata", {}),
+                extras,
+            )
         except (KeyError, TypeError, ValueError, AttributeError, json.JSONDecodeError) as e:
             if isinstance(e, CorruptFile):
                 raise
@@ -145,7 +189,9 @@ class Skill:
     def check_weights(self) -> None:
         """Finite factors, head and scales: a NaN skill is refused, never stored or attached."""
         what = f"skill {self.name!r}"
-        check_finite({f"{s}.{i}": t for s, ab in self.factors.items() for i, t in enumerate(ab)}, what)
+        check_finite(
+            {f"{s}.{i}": t for s, ab in self.factors.items() for i, t in enumerate(ab)}, what
+        )
         check_finite(self.head, f"{what} head")
         check_finite(self.extras, f"{what} extras")
         for site, scale in self.scales.items():
@@ -196,7 +242,9 @@ class Skill:
             fan_out = sig.shape[0] // 3 if site.endswith("]") else sig.shape[0]
             fan_in = int(np.prod(sig.shape[1:]))
             if (b.shape[0], a.shape[1]) != (fan_out, fan_in):
-                raise CorruptFile(f"site {site!r}: factors give ({b.shape[0]}, {a.shape[1]}), module is ({fan_out}, {fan_in})")
+                raise CorruptFile(
+                    f"site {site!r}: factors give ({b.shape[0]}, {a.shape[1]}), module is ({fan_out}, {fan_in})"
+                )
 
     def __repr__(self) -> str:
         return f"Skill({self.name!r}, sites={len(self.factors)}, params={self.num_params}, ranks={sorted(set(self.ranks.values()))})"
@@ -205,8 +253,10 @@ class Skill:
 def _expect(what: str, header: dict, types: dict[str, type]) -> None:
     for key, kind in types.items():
         if not isinstance(header[key], kind):
-            raise CorruptFile(f"{what}: skill header field {key!r} must be a {kind.__name__}, "
-                              f"got {type(header[key]).__name__}")
+            raise CorruptFile(
+                f"{what}: skill header field {key!r} must be a {kind.__name__}, "
+                f"got {type(header[key]).__name__}"
+            )
 
 
 def _snap(t: torch.Tensor) -> torch.Tensor:
@@ -220,8 +270,15 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     raise CorruptFile(f"the model has no module {path!r}")
 
 
-def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: bool = True,
-           load_head: bool = True, activate: bool = True) -> str:
+def attach(
+    model: nn.Module,
+    skill: Skill,
+    name: str | None = None,
+    *,
+    strict: bool = True,
+    load_head: bool = True,
+    activate: bool = True,
+) -> str:
     """Add ``skill`` to ``model`` as adapter ``name`` (default: the skill's name) with its weights.
 
     Refuses (BaseMismatch, naming the first differing module) a model the skill
@@ -231,7 +288,9 @@ def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: b
     name = name or skill.name
     modules = skill.fingerprint.modules
     hashed = any(s.sha256 for s in modules.values())
-    diff = skill.fingerprint.first_difference(fingerprint(model, list(modules), hash_weights=hashed and strict), strict)
+    diff = skill.fingerprint.first_difference(
+        fingerprint(model, list(modules), hash_weights=hashed and strict), strict
+    )
     if diff:
         raise BaseMismatch(f"cannot attach skill {skill.name!r}: base model differs at {diff}")
     skill.check_shapes()
@@ -242,7 +301,9 @@ def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: b
         for key, t in skill.head.items():
             if key not in named or named[key].shape != t.shape:
                 got = tuple(named[key].shape) if key in named else "nothing"
-                raise BaseMismatch(f"skill head {key!r} {tuple(t.shape)} does not fit the model ({got})")
+                raise BaseMismatch(
+                    f"skill head {key!r} {tuple(t.shape)} does not fit the model ({got})"
+                )
             head_params[key] = named[key]
         check_finite(skill.head, f"skill {skill.name!r} head")
     ranks: dict[str, set] = {}
@@ -252,18 +313,29 @@ def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: b
     if uneven:
         raise CorruptFile(f"skill {skill.name!r}: q, k, v of '{uneven[0]}' have different ranks")
     exact = {p: "re:" + re.escape(p) for p in ranks}
-    cfg = LoRAConfig(rank=max(r for rs in ranks.values() for r in rs), alpha=1.0,
-                     targets=tuple(exact.values()),
-                     rank_pattern={exact[p]: next(iter(rs)) for p, rs in ranks.items()},
-                     head=skill.config.get("head") if load_head and skill.head else None)
+    cfg = LoRAConfig(
+        rank=max(r for rs in ranks.values() for r in rs),
+        alpha=1.0,
+        targets=tuple(exact.values()),
+        rank_pattern={exact[p]: next(iter(rs)) for p, rs in ranks.items()},
+        head=skill.config.get("head") if load_head and skill.head else None,
+    )
     add_adapter(model, name, cfg, activate=activate)
     try:
         for layer in adapter_layers(model):
             if name not in layer.lora_A:
                 continue
-            sites = MultiheadAttentionAdapter.sites if isinstance(layer, MultiheadAttentionAdapter) else ("",)
-            if layer.path + sites[0] not in skill.factors:  # an out_proj that came with its attention module
-                raise BaseMismatch(f"the model adapts '{layer.path}' alongside the skill's modules but the skill has no weights for it")
+            sites = (
+                MultiheadAttentionAdapter.sites
+                if isinstance(layer, MultiheadAttentionAdapter)
+                else ("",)
+            )
+            if (
+                layer.path + sites[0] not in skill.factors
+            ):  # an out_proj that came with its attention module
+                raise BaseMismatch(
+                    f"the model adapts '{layer.path}' alongside the skill's modules but the skill has no weights for it"
+                )
             layer.set_factors(name, {s: skill.factors[layer.path + s] for s in sites})
             layer.scaling[name] = skill.scales[layer.path + sites[0]]
         with torch.no_grad():
@@ -272,7 +344,9 @@ def attach(model: nn.Module, skill: Skill, name: str | None = None, *, strict: b
     except Exception:
         remove_adapter(model, name)
         raise
-    adapter_configs(model)[name] = LoRAConfig.from_dict(skill.config) if _config_ok(skill.config) else cfg
+    adapter_configs(model)[name] = (
+        LoRAConfig.from_dict(skill.config) if _config_ok(skill.config) else cfg
+    )
     return name
 
 

@@ -312,7 +312,10 @@ class VectorIndex:
 
                 return IVFPQIndex.load(directory, space, stamp, params)
             data = target.read_bytes()
-            if not isinstance(stamp, dict) or stamp.get("sha256") != hashlib.sha256(data).hexdigest():
+            if (
+                not isinstance(stamp, dict)
+                or stamp.get("sha256") != hashlib.sha256(data).hexdigest()
+            ):
                 return None  # torn pair: the stamp describes another index file
             raw = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
         except (OSError, ValueError, RuntimeError):
@@ -370,7 +373,9 @@ def describe(directory: Path, space: str) -> dict[str, Any] | None:
     if not isinstance(stamp, dict):
         return None
     files = [f"{space}.delta.faiss" if stamp.get("kind") == IVFPQ else f"{space}.faiss"]
-    size = sum((Path(directory) / f).stat().st_size for f in files if (Path(directory) / f).exists())
+    size = sum(
+        (Path(directory) / f).stat().st_size for f in files if (Path(directory) / f).exists()
+    )
     size += sum((stamp.get("base_bytes") or {}).values())
     info = {k: stamp.get(k) for k in ("kind", "ntotal", "dim", "uid", "generation", "pinned")}
     info.update(bytes=size, tombstones=len(stamp.get("tombstones", [])))

@@ -194,7 +194,9 @@ class IVFPQIndex(VectorIndex):
             scores = np.full(pos.shape, -np.inf, np.float32)
             for lo in range(0, len(q), 256):  # gather the candidates' exact vectors
                 block = pos[lo : lo + 256]
-                vecs = self.base_vectors[np.maximum(block, 0).ravel()].reshape(*block.shape, self.dim)
+                vecs = self.base_vectors[np.maximum(block, 0).ravel()].reshape(
+                    *block.shape, self.dim
+                )
                 exact = np.einsum("qcd,qd->qc", vecs, q[lo : lo + 256])
                 scores[lo : lo + 256] = np.where(block >= 0, exact, -np.inf)
         else:  # unit vectors: |q - x|^2 = 2 - 2 cos
@@ -329,7 +331,10 @@ def prune(directory: Path, space: str, keep: Path | None = None) -> None:
     """Delete bases of ``space`` other than ``keep`` (and abandoned builds) once older
     than the grace period: a reader may still be about to map the previous one."""
     cutoff = time.time() - BASE_GRACE
-    for path in [*directory.glob(f"{space}.ivfpq-*"), *directory.glob(f".{space}.ivfpq-*.building")]:
+    for path in [
+        *directory.glob(f"{space}.ivfpq-*"),
+        *directory.glob(f".{space}.ivfpq-*.building"),
+    ]:
         try:
             if path != keep and path.is_dir() and path.stat().st_mtime < cutoff:
                 shutil.rmtree(path, ignore_errors=True)

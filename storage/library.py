@@ -187,9 +187,7 @@ class Library:
 
         Temp files a killed writer left (blob or index) go too, once as old.
         """
-        removed = self.blobs.gc(
-            self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age
-        )
+        removed = self.blobs.gc(self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age)
         if not dry_run and self.index_dir.is_dir():
             remove_stale(self.index_dir.glob(".*.tmp"), time.time() - min_age)
         return removed
@@ -258,7 +256,9 @@ class Library:
             self._indexes.pop(space, None)
             return self._rebuild(space, params)[0]
 
-    def _rebuild(self, space: str, params: IndexParams | None = None) -> tuple[VectorIndex, int, int]:
+    def _rebuild(
+        self, space: str, params: IndexParams | None = None
+    ) -> tuple[VectorIndex, int, int]:
         _, gen, (vids, rows, vecs) = self.catalog.snapshot(space)
         dim = self.catalog.space_dims().get(space, vecs.shape[1] if len(vecs) else 1)
         params = params or rebuild_params(self.index_dir, space, self.params)

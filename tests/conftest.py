@@ -14,8 +14,17 @@ def vit():
     import timm
 
     torch.manual_seed(0)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
-                             num_classes=10, embed_dim=48, depth=2, num_heads=3).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+    ).eval()
 
 
 @pytest.fixture
@@ -32,8 +41,9 @@ def clip_vit():
     from open_clip.transformer import VisionTransformer
 
     torch.manual_seed(0)
-    return VisionTransformer(image_size=28, patch_size=4, width=48, layers=2, heads=3, mlp_ratio=2.0,
-                             output_dim=16).eval()
+    return VisionTransformer(
+        image_size=28, patch_size=4, width=48, layers=2, heads=3, mlp_ratio=2.0, output_dim=16
+    ).eval()
 
 
 @pytest.fixture
@@ -78,8 +88,10 @@ def _pg_bin(tool: str) -> str | None:
     found = shutil.which(tool)
     if found:
         return found
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"),
-                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob(f"*/bin/{tool}"),
+        key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0,
+    )
     return str(versions[-1]) if versions else None
 
 
@@ -99,16 +111,40 @@ class PostgresServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.data = self.root / "data"
-        self._run(initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
-                  "--no-instructions")
-        opts = (f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync=off -c synchronous_commit=off "
-                "-c full_page_writes=off -c max_connections=200")
-        self._run(self.pg_ctl, "-D", str(self.data), "-l", str(self.root / "log"), "-w", "-t", "60",
-                  "-o", opts, "start")
+        self._run(
+            initdb,
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
+        opts = (
+            f"-k {self.root} -h 127.0.0.1 -p {self.port} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200"
+        )
+        self._run(
+            self.pg_ctl,
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.root / "log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            opts,
+            "start",
+        )
         self._names = itertools.count()
 
     def _run(self, *cmd: str) -> None:
-        done = subprocess.run([*self.as_user, *cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        done = subprocess.run(
+            [*self.as_user, *cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL
+        )
         if done.returncode:
             log = self.root / "log"
             tail = log.read_text()[-2000:] if log.exists() else ""
@@ -120,8 +156,9 @@ class PostgresServer:
     def _admin(self, sql: str) -> None:
         import psycopg
 
-        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres",
-                             autocommit=True) as conn:
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
+        ) as conn:
             conn.execute(sql)
 
     def create_database(self) -> str:

@@ -48,8 +48,13 @@ def test_base_frozen_only_adapter_and_head_train(vit):
 
 
 def test_rank_pattern_and_rslora_scale(vit):
-    cfg = sb.LoRAConfig(rank=8, alpha=16, targets=VIT_TARGETS, rank_pattern={"fc1": 2, "blocks.1.mlp.fc1": 3},
-                        use_rslora=True)
+    cfg = sb.LoRAConfig(
+        rank=8,
+        alpha=16,
+        targets=VIT_TARGETS,
+        rank_pattern={"fc1": 2, "blocks.1.mlp.fc1": 3},
+        use_rslora=True,
+    )
     sb.add_adapter(vit, "a", cfg)
     by_path = {layer.path: layer for layer in sb.adapter_layers(vit)}
     assert by_path["blocks.0.mlp.fc1"].ranks["a"] == 2
@@ -106,10 +111,14 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("fixture,inputs", [("vit", "x28"), ("resnet", "x28"), ("clip_vit", "x_rgb")])
+@pytest.mark.parametrize(
+    "fixture,inputs", [("vit", "x28"), ("resnet", "x28"), ("clip_vit", "x_rgb")]
+)
 def test_merge_is_exact_and_reversible(request, fixture, inputs):
     model, x = request.getfixturevalue(fixture), request.getfixturevalue(inputs)
-    targets = {"vit": VIT_TARGETS, "resnet": [nn.Conv2d], "clip_vit": ["attn", "c_fc", "c_proj"]}[fixture]
+    targets = {"vit": VIT_TARGETS, "resnet": [nn.Conv2d], "clip_vit": ["attn", "c_fc", "c_proj"]}[
+        fixture
+    ]
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     sb.add_adapter(model, "a", sb.LoRAConfig(rank=4, targets=targets))
     randomise(model, "a", std=0.05)
@@ -140,7 +149,9 @@ def test_eval_mode_merges_automatically_and_train_mode_trains_again(vit, x28):
         y_train = vit(x28)
     calls = []  # per layer call: did it run with a low-rank term?
     original = LinearAdapter.run
-    LinearAdapter.run = lambda self, weight, add, x: calls.append(add is not None) or original(self, weight, add, x)
+    LinearAdapter.run = lambda self, weight, add, x: (
+        calls.append(add is not None) or original(self, weight, add, x)
+    )
     try:
         vit.eval()
         with torch.no_grad():
@@ -228,10 +239,14 @@ def test_attention_masks_match_native(x_rgb):
     torch.testing.assert_close(out, out_m, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("fixture,inputs", [("vit", "x28"), ("resnet", "x28"), ("clip_vit", "x_rgb")])
+@pytest.mark.parametrize(
+    "fixture,inputs", [("vit", "x28"), ("resnet", "x28"), ("clip_vit", "x_rgb")]
+)
 def test_mixed_batch_equals_rows_run_alone(request, fixture, inputs):
     model, x = request.getfixturevalue(fixture), request.getfixturevalue(inputs)
-    targets = {"vit": VIT_TARGETS, "resnet": [nn.Conv2d], "clip_vit": ["attn", "c_fc", "c_proj"]}[fixture]
+    targets = {"vit": VIT_TARGETS, "resnet": [nn.Conv2d], "clip_vit": ["attn", "c_fc", "c_proj"]}[
+        fixture
+    ]
     names = ["a", "b", "c"]
     for i, n in enumerate(names):
         sb.add_adapter(model, n, sb.LoRAConfig(rank=2 + 2 * i, targets=targets))  # ranks differ
@@ -242,7 +257,7 @@ def test_mixed_batch_equals_rows_run_alone(request, fixture, inputs):
             y = model(x)
         for i, name in enumerate(rows):
             sb.set_active(model, name)
-            alone = model(x[i:i + 1])
+            alone = model(x[i : i + 1])
             assert (y[i] - alone[0]).abs().max() < 1e-5, (i, name)
 
 

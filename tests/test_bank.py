@@ -37,9 +37,13 @@ def bank(catalog_url, tmp_path):
 def test_embedded_layout_and_roundtrip(vit, embedded, tmp_path, x28):
     bank = embedded
     model, skill = make_skill(vit, "digits", 0)
-    ref = bank.add("digits", skill, embedding=np.ones(8), metrics={"acc": 0.9}, tags={"stage": "dev"})
+    ref = bank.add(
+        "digits", skill, embedding=np.ones(8), metrics={"acc": 0.9}, tags={"stage": "dev"}
+    )
     assert (ref.name, ref.version) == ("digits", 1)
-    assert (tmp_path / "skills" / "catalog.db").is_file() and (tmp_path / "skills" / "blobs").is_dir()
+    assert (tmp_path / "skills" / "catalog.db").is_file() and (
+        tmp_path / "skills" / "blobs"
+    ).is_dir()
     back = bank.get("digits@1")
     fresh = copy.deepcopy(vit)
     sb.attach(fresh, back)
@@ -67,8 +71,18 @@ def test_add_refuses_other_base_unless_told(vit, bank):
     import timm
 
     _, s1 = make_skill(vit, "x", 1)
-    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
-                              num_classes=10, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
+    other = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        mlp_ratio=2.0,
+    )
     _, s2 = make_skill(other, "x", 2)
     bank.add("x", s1)
     with pytest.raises(sb.BaseMismatch):
@@ -96,7 +110,9 @@ def test_retrieve_by_vector_examples_and_text(vit, bank):
     assert bank.retrieve(x, k=1, model=vit, space="feat")[0].name == "ex"
     # text through a user-supplied embedder (the MiniLM default is tested separately)
     vocab = ["rotated", "permuted", "noisy"]
-    bank.text_embedder = sb.TextEmbedder(lambda texts: np.array([[w in t for w in vocab] for t in texts], float) + 0.1)
+    bank.text_embedder = sb.TextEmbedder(
+        lambda texts: np.array([[w in t for w in vocab] for t in texts], float) + 0.1
+    )
     for word in vocab:
         _, skill = make_skill(vit, word, 3, rank=2)
         bank.add(word, skill, description=f"digits, {word}")
@@ -105,9 +121,11 @@ def test_retrieve_by_vector_examples_and_text(vit, bank):
 
 def test_text_retrieval_with_offline_minilm(vit, embedded):
     bank = embedded
-    descriptions = {"rot": "handwritten digits rotated by ninety degrees",
-                    "noise": "images corrupted with heavy gaussian noise",
-                    "perm": "pixels shuffled by a fixed random permutation"}
+    descriptions = {
+        "rot": "handwritten digits rotated by ninety degrees",
+        "noise": "images corrupted with heavy gaussian noise",
+        "perm": "pixels shuffled by a fixed random permutation",
+    }
     for name, text in descriptions.items():
         _, skill = make_skill(vit, name, 1, rank=2)
         bank.add(name, skill, description=text, embed_text=True)

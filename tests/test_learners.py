@@ -41,8 +41,12 @@ def base():
     src = data.digits(seed=0).source
     from learners import train
 
-    train(model, src.x_train, src.y_train, TrainConfig(steps=150, batch_size=64, b_ratio=1.0, progress=False,
-                                                      device="cpu"))
+    train(
+        model,
+        src.x_train,
+        src.y_train,
+        TrainConfig(steps=150, batch_size=64, b_ratio=1.0, progress=False, device="cpu"),
+    )
     return model.eval()
 
 
@@ -80,8 +84,9 @@ def test_rank_selection_ends_below_rmax_and_keeps_accuracy(base, digits_stream, 
 
 
 def test_adalora_meets_its_budget(base, digits_stream):
-    skill = RankSelective(rank=8, method="adalora", target_rank=2.0, train=FAST).fit(copy.deepcopy(base),
-                                                                                      digits_stream[1])
+    skill = RankSelective(rank=8, method="adalora", target_rank=2.0, train=FAST).fit(
+        copy.deepcopy(base), digits_stream[1]
+    )
     assert sum(skill.metadata["chosen_ranks"].values()) <= 2 * len(skill.metadata["chosen_ranks"])
 
 
@@ -91,7 +96,9 @@ def test_select_ranks_keeps_the_named_columns(base, digits_stream):
     other = [s for s in skill.factors if s != site]
     out = select_ranks(skill, {site: [3, 1], **{s: [] for s in other[:1]}})
     a, b = skill.factors[site]
-    assert torch.equal(out.factors[site][0], a[[3, 1]]) and torch.equal(out.factors[site][1], b[:, [3, 1]])
+    assert torch.equal(out.factors[site][0], a[[3, 1]]) and torch.equal(
+        out.factors[site][1], b[:, [3, 1]]
+    )
     assert other[0] not in out.factors and out.ranks[other[1]] == 4
     assert sb.LoRAConfig.from_dict(out.config).rank_for(site) == 2
 
@@ -102,7 +109,9 @@ def test_nested_lora_truncates_to_its_first_ranks(base, digits_stream):
     skill = LoRALearner(rank=8, nested=True, train=FAST).fit(copy.deepcopy(base), task)
     short = truncate(skill, 3)
     for site, (a, b) in skill.factors.items():
-        assert torch.equal(short.factors[site][0], a[:3]) and torch.equal(short.factors[site][1], b[:, :3])
+        assert torch.equal(short.factors[site][0], a[:3]) and torch.equal(
+            short.factors[site][1], b[:, :3]
+        )
         assert short.scales[site] == pytest.approx(skill.scales[site] * 8 / 3)  # alpha / 3
     # the truncated skill is the full one with ranks 3.. switched off at scale alpha / 3
     manual = with_skill(base, skill)
@@ -137,7 +146,10 @@ def test_orthogonal_lowers_overlap_with_past_skills(after_first, digits_stream):
     plain_overlap = subspace_overlap(plain, [first])
     assert ortho.metadata["overlap"] == pytest.approx(subspace_overlap(ortho, [first]))
     assert ortho.metadata["overlap"] < 0.5 * plain_overlap
-    assert {n for n, _ in sb.active_adapters(model)} == {first.name, ortho.name}  # summed, no routing
+    assert {n for n, _ in sb.active_adapters(model)} == {
+        first.name,
+        ortho.name,
+    }  # summed, no routing
 
 
 def test_inflora_starts_in_the_complement_of_past_inputs(after_first, digits_stream):
@@ -150,7 +162,9 @@ def test_orthogonal_reads_past_skills_from_the_bank(base, after_first, digits_st
     first = after_first[1]
     bank.add("first", first, tags={"run": "r1"})
     model = copy.deepcopy(base)
-    skill = Orthogonal(pego=True, bank_where={"tags": {"run": "r1"}}, train=FAST).fit(model, digits_stream[1], bank)
+    skill = Orthogonal(pego=True, bank_where={"tags": {"run": "r1"}}, train=FAST).fit(
+        model, digits_stream[1], bank
+    )
     assert skill.metadata["past"] == [first.name]
     assert skill.metadata["overlap"] is not None
     assert {n for n, _ in sb.active_adapters(model)} == {first.name, skill.name}

@@ -26,7 +26,7 @@ def _rowwise(model, names, weights, x):
     out = []
     for i in range(len(x)):
         sb.set_active(model, names, weights=weights[i].tolist())
-        out.append(model(x[i:i + 1]))
+        out.append(model(x[i : i + 1]))
     sb.set_active(model, [])
     return torch.cat(out)
 
@@ -105,7 +105,9 @@ def setting(tmp_path_factory):
         skill = LoRALearner(rank=4, train=FAST).fit(model, task)
         with sb.disabled(model):
             emb = sb.example_embedding(model, task.x_train)
-        refs[shift] = str(bank.add(f"lib-{shift}", skill, embedding=emb, embed_text=False, tags={"role": "lib"}))
+        refs[shift] = str(
+            bank.add(f"lib-{shift}", skill, embedding=emb, embed_text=False, tags={"role": "lib"})
+        )
     target = transfer.few_shot(transfer.mixed_task(digits, ("rot90", "invert"), 1), 5, 0)
     yield base, bank, refs, target
     bank.close()
@@ -129,28 +131,37 @@ def test_compose_trains_only_the_compositor_and_reloads(setting):
     with torch.no_grad():
         torch.testing.assert_close(one(task.x_test[:16]), two(task.x_test[:16]))
         alpha = one.alpha(task.x_test[:16])
-    assert alpha.shape == (16, 2) and torch.allclose(alpha.sum(1), torch.ones(16))  # softmax: on the simplex
-    assert not torch.allclose(alpha, alpha[:1].expand_as(alpha))  # context-aware: weights differ per sample
+    assert alpha.shape == (16, 2) and torch.allclose(
+        alpha.sum(1), torch.ones(16)
+    )  # softmax: on the simplex
+    assert not torch.allclose(
+        alpha, alpha[:1].expand_as(alpha)
+    )  # context-aware: weights differ per sample
 
 
 def test_task_context_skill_equals_its_standalone_merge(setting):
     """With the task as context alpha is constant, so the exact (cat) merge stored in the
     skill must reproduce the composition when attached alone, head included."""
     base, bank, refs, task = setting
-    skill = PSEC(mode="compose", context="task", skills=tuple(refs.values()), train=FAST).fit(copy.deepcopy(base), task,
-                                                                                          bank)
+    skill = PSEC(mode="compose", context="task", skills=tuple(refs.values()), train=FAST).fit(
+        copy.deepcopy(base), task, bank
+    )
     comp = restore(copy.deepcopy(base), skill, bank)
     alone = copy.deepcopy(base)
     sb.attach(alone, skill, "merged", load_head=False)
     alone.head.load_state_dict({k.split(".", 1)[1]: v for k, v in skill.head.items()})
     with torch.no_grad():
-        torch.testing.assert_close(alone(task.x_test[:16]), comp(task.x_test[:16]), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            alone(task.x_test[:16]), comp(task.x_test[:16]), atol=1e-5, rtol=1e-4
+        )
 
 
 def test_expand_adds_a_new_skill_with_lineage(setting):
     base, bank, refs, task = setting
     model = copy.deepcopy(base)
-    skill = PSEC(mode="expand", skills=(refs["rot90"], refs["invert"]), rank=2, train=FAST).fit(model, task, bank)
+    skill = PSEC(mode="expand", skills=(refs["rot90"], refs["invert"]), rank=2, train=FAST).fit(
+        model, task, bank
+    )
     assert sb.adapter_names(model) == []
     assert set(skill.ranks.values()) == {2}  # the new LoRA itself, not the composed skills
     assert any(b.abs().sum() > 0 for _, b in skill.factors.values())
@@ -162,8 +173,9 @@ def test_expand_adds_a_new_skill_with_lineage(setting):
 
 def test_output_space_baseline_mixes_the_skills_outputs(setting):
     base, bank, refs, task = setting
-    skill = PSEC(mode="compose", space="output", skills=(refs["rot90"], refs["invert"]), train=FAST).fit(
-        copy.deepcopy(base), task, bank)
+    skill = PSEC(
+        mode="compose", space="output", skills=(refs["rot90"], refs["invert"]), train=FAST
+    ).fit(copy.deepcopy(base), task, bank)
     comp = restore(copy.deepcopy(base), skill, bank)
     x = task.x_test[:8]
     with torch.no_grad():
@@ -174,7 +186,7 @@ def test_output_space_baseline_mixes_the_skills_outputs(setting):
             f = sb.features(comp.model, x, head="head")
             per_skill.append(f @ comp.head_w[i].t() + comp.head_b[i])
         sb.set_active(comp.model, [])
-        expected = sum(alpha[:, i:i + 1] * per_skill[i] for i in range(len(per_skill)))
+        expected = sum(alpha[:, i : i + 1] * per_skill[i] for i in range(len(per_skill)))
         torch.testing.assert_close(comp(x), expected, atol=1e-5, rtol=1e-4)
 
 
@@ -227,6 +239,8 @@ def test_transfer_tasks_and_config():
     cfg = BenchConfig(protocol="transfer")
     assert cfg.stream == "composite-mnist" and "compose" in cfg.learners and cfg.shots == [5, 20]
     with pytest.raises(sb.ConfigError, match="unknown transfer methods"):
-        transfer.bench_protocol(BenchConfig(protocol="transfer", learners=["magic"]), "unused", None)
+        transfer.bench_protocol(
+            BenchConfig(protocol="transfer", learners=["magic"]), "unused", None
+        )
     with pytest.raises(sb.ConfigError, match="shots"):
         BenchConfig(protocol="transfer", shots=[0])

@@ -70,7 +70,9 @@ def _reader(url: str, home: str, worker: int, start: mp.synchronize.Event) -> No
     torch.set_num_threads(1)
     done, ops = Path(home) / "writers-done", 0
     try:
-        with sb.SkillBank.open(url, blobs=Path(home) / "blobs", index_dir=Path(home) / "index") as bank:
+        with sb.SkillBank.open(
+            url, blobs=Path(home) / "blobs", index_dir=Path(home) / "index"
+        ) as bank:
             start.wait()
             rng = np.random.default_rng(worker)
             while not done.exists() or ops < 10:
@@ -94,8 +96,12 @@ def test_writers_and_readers_lose_nothing(catalog_url, tmp_path):
     sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index").close()
     ctx = context()
     start = ctx.Event()
-    writers = [ctx.Process(target=_writer, args=(catalog_url, home, w, start)) for w in range(WRITERS)]
-    readers = [ctx.Process(target=_reader, args=(catalog_url, home, r, start)) for r in range(READERS)]
+    writers = [
+        ctx.Process(target=_writer, args=(catalog_url, home, w, start)) for w in range(WRITERS)
+    ]
+    readers = [
+        ctx.Process(target=_reader, args=(catalog_url, home, r, start)) for r in range(READERS)
+    ]
     for p in writers + readers:
         p.start()
     start.set()
@@ -106,12 +112,17 @@ def test_writers_and_readers_lose_nothing(catalog_url, tmp_path):
         p.join(300)
     errors = {f.name: f.read_text() for f in tmp_path.glob("reader*.err")}
     assert [p.exitcode for p in writers + readers] == [0] * (WRITERS + READERS), errors
-    added = [json.loads(line) for w in range(WRITERS)
-             for line in (tmp_path / f"writer{w}.jsonl").read_text().splitlines()]
+    added = [
+        json.loads(line)
+        for w in range(WRITERS)
+        for line in (tmp_path / f"writer{w}.jsonl").read_text().splitlines()
+    ]
     assert len(added) == WRITERS * ADDS
     assert all(int((tmp_path / f"reader{r}.ops").read_text()) >= 10 for r in range(READERS))
 
-    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index") as bank:
+    with sb.SkillBank.open(
+        catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index"
+    ) as bank:
         by_name: dict[str, list[int]] = {}
         for name, version, _, digest in added:
             by_name.setdefault(name, []).append(version)
@@ -121,7 +132,9 @@ def test_writers_and_readers_lose_nothing(catalog_url, tmp_path):
             assert [r.version for r in bank.versions(name)] == sorted(versions)
         assert len(by_name["shared"]) == WRITERS * ADDS // 2
         report = bank.verify()
-        assert report == type(report)(), report  # nothing missing, corrupt, orphaned or out of index
+        assert report == type(report)(), (
+            report
+        )  # nothing missing, corrupt, orphaned or out of index
         for name, version, seed, _ in added:  # the index agrees: each exact vector finds its skill
             hit = bank.retrieve(vector(seed), k=1)[0]
             assert (hit.name, hit.version) == (name, version)
@@ -145,8 +158,10 @@ def test_first_opens_race_to_create_the_schema(catalog_url, tmp_path):
     """Fresh catalog, several processes opening it at the same instant: one migrates."""
     ctx = context()
     barrier = ctx.Barrier(OPENERS)
-    procs = [ctx.Process(target=_opener, args=(catalog_url, str(tmp_path), w, barrier))
-             for w in range(OPENERS)]
+    procs = [
+        ctx.Process(target=_opener, args=(catalog_url, str(tmp_path), w, barrier))
+        for w in range(OPENERS)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -159,23 +174,26 @@ def test_first_opens_race_to_create_the_schema(catalog_url, tmp_path):
             assert conn.exec_driver_sql("select count(*) from alembic_version").scalar() == 1
 
 
-
 # --- one library, many machines ----------------------------------------------------
 # Runners on separate processes (stand-ins for machines) share one PostgreSQL catalog
 # and one blob folder; each keeps its own index cache, as a machine would on local disk.
 
 # SKILLBANK_RUNNERS / SKILLBANK_RUNNER_ADDS scale it up for a soak run.
 RUNNERS = int(os.environ.get("SKILLBANK_RUNNERS", "4"))
-RUNNER_ADDS = int(os.environ.get("SKILLBANK_RUNNER_ADDS", "15"))  # a multiple of 3 keeps the names even
+RUNNER_ADDS = int(
+    os.environ.get("SKILLBANK_RUNNER_ADDS", "15")
+)  # a multiple of 3 keeps the names even
 
 
-def _runner(url: str, home: str, worker: int, start: mp.synchronize.Event,
-            added: mp.synchronize.Barrier) -> None:
+def _runner(
+    url: str, home: str, worker: int, start: mp.synchronize.Event, added: mp.synchronize.Barrier
+) -> None:
     torch.set_num_threads(1)
     root = Path(home)
     try:
-        with sb.SkillBank.open(url, blobs=root / "shared-blobs",
-                               index_dir=root / f"machine{worker}" / "index") as bank:
+        with sb.SkillBank.open(
+            url, blobs=root / "shared-blobs", index_dir=root / f"machine{worker}" / "index"
+        ) as bank:
             start.wait()
             for i in range(RUNNER_ADDS):
                 seed = 10_000 * (worker + 1) + i
@@ -193,10 +211,15 @@ def _runner(url: str, home: str, worker: int, start: mp.synchronize.Event,
                     continue
                 for line in (root / f"runner{other}.jsonl").read_text().splitlines():
                     name, version, seed, digest = json.loads(line)
-                    hit = bank.retrieve(vector(seed), k=1)[0]  # by embedding, through this machine's index
+                    hit = bank.retrieve(vector(seed), k=1)[
+                        0
+                    ]  # by embedding, through this machine's index
                     assert (hit.name, hit.version) == (name, version), (hit, name, version)
                     assert bank.record(f"{name}@{version}").digest == digest
-                    assert bank.get(f"{name}@{version}").ranks == {"0": 2, "2": 2}  # blob read, re-hashed
+                    assert bank.get(f"{name}@{version}").ranks == {
+                        "0": 2,
+                        "2": 2,
+                    }  # blob read, re-hashed
                     seen += 1
         (root / f"runner{worker}.seen").write_text(str(seen))
     except BaseException:
@@ -213,8 +236,10 @@ def test_many_runners_one_postgres_catalog_and_blob_folder(postgres_server, tmp_
     try:
         ctx = context()
         start, added = ctx.Event(), ctx.Barrier(RUNNERS)
-        procs = [ctx.Process(target=_runner, args=(url, str(tmp_path), w, start, added))
-                 for w in range(RUNNERS)]
+        procs = [
+            ctx.Process(target=_runner, args=(url, str(tmp_path), w, start, added))
+            for w in range(RUNNERS)
+        ]
         for p in procs:
             p.start()
         start.set()
@@ -222,22 +247,30 @@ def test_many_runners_one_postgres_catalog_and_blob_folder(postgres_server, tmp_
             p.join(300)
         errors = {f.name: f.read_text() for f in tmp_path.glob("runner*.err")}
         assert [p.exitcode for p in procs] == [0] * RUNNERS, errors
-        rows = [json.loads(line) for w in range(RUNNERS)
-                for line in (tmp_path / f"runner{w}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for w in range(RUNNERS)
+            for line in (tmp_path / f"runner{w}.jsonl").read_text().splitlines()
+        ]
         assert len(rows) == RUNNERS * RUNNER_ADDS
         seen = [int((tmp_path / f"runner{w}.seen").read_text()) for w in range(RUNNERS)]
         assert seen == [(RUNNERS - 1) * RUNNER_ADDS] * RUNNERS  # each saw all the others' adds
-        with sb.SkillBank.open(url, blobs=tmp_path / "shared-blobs",
-                               index_dir=tmp_path / "auditor" / "index") as bank:
+        with sb.SkillBank.open(
+            url, blobs=tmp_path / "shared-blobs", index_dir=tmp_path / "auditor" / "index"
+        ) as bank:
             by_name: dict[str, list[int]] = {}
             for name, version, _, digest in rows:
                 by_name.setdefault(name, []).append(version)
                 assert bank.record(f"{name}@{version}").digest == digest
             assert len(by_name) == 2 + RUNNERS
             for name, versions in by_name.items():
-                assert sorted(versions) == list(range(1, len(versions) + 1)), name  # gapless, no dups
+                assert sorted(versions) == list(range(1, len(versions) + 1)), (
+                    name
+                )  # gapless, no dups
                 assert [r.version for r in bank.versions(name)] == sorted(versions)
-            assert len(by_name["shared-a"]) == len(by_name["shared-b"]) == RUNNERS * RUNNER_ADDS // 3
+            assert (
+                len(by_name["shared-a"]) == len(by_name["shared-b"]) == RUNNERS * RUNNER_ADDS // 3
+            )
             assert sum(len(bank.versions(n)) for n in by_name) == RUNNERS * RUNNER_ADDS
             report = bank.verify()
             assert report == type(report)(), report  # every blob present and intact, no orphans

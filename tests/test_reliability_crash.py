@@ -26,7 +26,14 @@ from storage import faults
 from storage.blobs import sha256
 from storage.index import VectorIndex
 
-POINTS = ["blob.write", "blob.renamed", "commit.before", "commit.after", "index.write", "index.meta"]
+POINTS = [
+    "blob.write",
+    "blob.renamed",
+    "commit.before",
+    "commit.after",
+    "index.write",
+    "index.meta",
+]
 ORPHANING = {"blob.renamed", "commit.before"}  # the blob is in place but no row was committed
 ROUNDS = {"sqlite": 5, "postgresql": 2}  # rounds over every point
 RANDOM_KILLS = {"sqlite": 10, "postgresql": 4}
@@ -74,7 +81,8 @@ def _check(url: str, home: Path, point: str | None, before: int) -> tuple[int, i
         rows = [r for n in bank.library.catalog.names() for r in bank.versions(n)]
         for name in {r.name for r in rows}:
             assert [r.version for r in bank.versions(name)] == list(
-                range(1, 1 + sum(r.name == name for r in rows)))
+                range(1, 1 + sum(r.name == name for r in rows))
+            )
         known = {(n, v) for n, v, _ in acked}
         unheard = [r for r in rows if (r.name, r.version) not in known]
         assert len(rows) == len(known) + len(unheard)
@@ -87,19 +95,30 @@ def _check(url: str, home: Path, point: str | None, before: int) -> tuple[int, i
         assert removed == list(report.orphan_blobs)
         after = bank.verify()
         assert after == type(after)(), after
-        assert not list((home / "blobs").glob("*/.tmp-*")) and not list((home / "index").glob(".*.tmp"))
+        assert not list((home / "blobs").glob("*/.tmp-*")) and not list(
+            (home / "index").glob(".*.tmp")
+        )
         uid, generation = bank.library.catalog.state()
         vids = set(bank.library.catalog.vectors("examples")[0].tolist())
     loaded = VectorIndex.load(home / "index", "examples")  # the cache on disk is current again
     assert loaded is not None and (loaded[1]["uid"], loaded[1]["generation"]) == (uid, generation)
-    assert loaded[0].live_versions() == vids and len(set(loaded[0].ids().tolist())) == loaded[0].ntotal
+    assert (
+        loaded[0].live_versions() == vids and len(set(loaded[0].ids().tolist())) == loaded[0].ntotal
+    )
     with open(home / "done.log", "a") as fh:  # the next trial starts from the catalog
         fh.writelines(f"{r.name} {r.version} {r.digest}\n" for r in unheard)
     return len(rows), len(removed)
 
 
-def _run(ctx: mp.context.BaseContext, url: str, home: Path, spec: str | None, first: int,
-         count: int, rng: np.random.Generator) -> int | None:
+def _run(
+    ctx: mp.context.BaseContext,
+    url: str,
+    home: Path,
+    spec: str | None,
+    first: int,
+    count: int,
+    rng: np.random.Generator,
+) -> int | None:
     (home / "ready").unlink(missing_ok=True)
     p = ctx.Process(target=_writer, args=(url, str(home), spec, first, count))
     p.start()
@@ -129,7 +148,9 @@ def test_sigkill_at_every_step_loses_nothing(catalog_url, tmp_path, request):
     # the trials did write and crash mid-write (how many adds land before a random kill
     # depends on the machine's load, so no count is promised beyond that)
     assert versions > 0 and orphans > 0
-    print(f"\n{backend}: {len(trials)} kills, {versions} versions kept, {orphans} orphan blobs collected")
+    print(
+        f"\n{backend}: {len(trials)} kills, {versions} versions kept, {orphans} orphan blobs collected"
+    )
 
 
 def test_crash_points_cost_nothing_unarmed(monkeypatch):

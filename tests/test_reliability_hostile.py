@@ -37,23 +37,39 @@ class Plant:
 
 @pytest.fixture
 def bank(catalog_url, tmp_path):
-    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index") as b:
+    with sb.SkillBank.open(
+        catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index"
+    ) as b:
         b.add("kept", tiny_skill(0), embedding=vector(0))
         yield b
 
 
 def state(bank: sb.SkillBank) -> tuple:
     """Everything a refused write must leave alone: rows of every table and the blob set."""
-    tables = ["skills", "versions", "aliases", "tags", "embeddings", "spaces", "version_parents",
-              "changes", "catalog_state"]
+    tables = [
+        "skills",
+        "versions",
+        "aliases",
+        "tags",
+        "embeddings",
+        "spaces",
+        "version_parents",
+        "changes",
+        "catalog_state",
+    ]
     with bank.library.catalog.engine.connect() as conn:
-        rows = {t: sorted(map(tuple, conn.exec_driver_sql(f"select * from {t}").all())) for t in tables}
+        rows = {
+            t: sorted(map(tuple, conn.exec_driver_sql(f"select * from {t}").all())) for t in tables
+        }
     return rows, sorted(bank.library.blobs.digests())
 
 
 def pickles(marker: Path, tmp_path: Path) -> dict[str, bytes]:
     """The same planted payload in every pickle flavour a file could arrive in."""
-    out = {f"protocol{p}": pickle.dumps(Plant(marker), protocol=p) for p in range(pickle.HIGHEST_PROTOCOL + 1)}
+    out = {
+        f"protocol{p}": pickle.dumps(Plant(marker), protocol=p)
+        for p in range(pickle.HIGHEST_PROTOCOL + 1)
+    }
     torch.save({"w": Plant(marker)}, tmp_path / "zip.pt")
     out["torch.save-zip"] = (tmp_path / "zip.pt").read_bytes()
     torch.save({"w": Plant(marker)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
@@ -64,6 +80,7 @@ def pickles(marker: Path, tmp_path: Path) -> dict[str, bytes]:
 @pytest.fixture
 def no_unpickling(monkeypatch):
     """Belt and braces: any call into the unpicklers fails the test outright."""
+
     def refuse(*a, **k):
         raise AssertionError("something tried to unpickle")
 
@@ -82,10 +99,15 @@ def test_pickles_are_never_unpickled(bank, tmp_path, no_unpickling):
             sb.Skill.load(path)
         with pytest.raises(sb.CorruptFile):
             sb.Skill.from_bytes(data)
-        for weights in ("adapter_model.bin", "adapter_model.safetensors"):  # PEFT import, both names
+        for weights in (
+            "adapter_model.bin",
+            "adapter_model.safetensors",
+        ):  # PEFT import, both names
             folder = tmp_path / f"peft-{kind}-{weights}"
             folder.mkdir()
-            (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+            (folder / "adapter_config.json").write_text(
+                json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+            )
             (folder / weights).write_bytes(data)
             with pytest.raises(sb.SkillbankError, match="pickle|safetensors|header"):
                 sb.Skill.from_peft(folder)
@@ -107,19 +129,38 @@ ABSURD = {
     "header length 2^63": _safetensors({}, declared=2**63 - 1),
     "header length past the end": _safetensors({}, declared=60 * 2**20),
     "header length 2^64-1": b"\xff" * 8 + b"{}",
-    "terabyte tensor in 16 bytes": _safetensors({"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}, b"\0" * 16),
-    "shape product overflows int64": _safetensors({"w": {"dtype": "F32", "shape": [2**40, 2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16),
-    "negative dimension": _safetensors({"w": {"dtype": "F32", "shape": [-4, -1], "data_offsets": [0, 16]}}, b"\0" * 16),
-    "offsets past the end": _safetensors({"w": {"dtype": "U8", "shape": [2**40], "data_offsets": [0, 2**40]}}, b"\0" * 16),
-    "offsets reversed": _safetensors({"w": {"dtype": "U8", "shape": [4], "data_offsets": [12, 8]}}, b"\0" * 16),
-    "float shape": _safetensors({"w": {"dtype": "U8", "shape": [1e300], "data_offsets": [0, 16]}}, b"\0" * 16),
-    "unknown dtype": _safetensors({"w": {"dtype": "F1024", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 16),
+    "terabyte tensor in 16 bytes": _safetensors(
+        {"w": {"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "shape product overflows int64": _safetensors(
+        {"w": {"dtype": "F32", "shape": [2**40, 2**40, 2**40], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "negative dimension": _safetensors(
+        {"w": {"dtype": "F32", "shape": [-4, -1], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "offsets past the end": _safetensors(
+        {"w": {"dtype": "U8", "shape": [2**40], "data_offsets": [0, 2**40]}}, b"\0" * 16
+    ),
+    "offsets reversed": _safetensors(
+        {"w": {"dtype": "U8", "shape": [4], "data_offsets": [12, 8]}}, b"\0" * 16
+    ),
+    "float shape": _safetensors(
+        {"w": {"dtype": "U8", "shape": [1e300], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
+    "unknown dtype": _safetensors(
+        {"w": {"dtype": "F1024", "shape": [2], "data_offsets": [0, 16]}}, b"\0" * 16
+    ),
     "header is a list": _safetensors(b"[1, 2, 3]"),
     "nested 100k deep": _safetensors(b"[" * 100_000 + b"]" * 100_000),
     "header not utf-8": _safetensors(b"\xff\xfe{}"),
     "metadata not strings": _safetensors({"__metadata__": {"skillbank": {"a": 1}}}),
-    "overlapping tensors": _safetensors({"a": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
-                                         "b": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]}}, b"\0" * 16),
+    "overlapping tensors": _safetensors(
+        {
+            "a": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
+            "b": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
+        },
+        b"\0" * 16,
+    ),
     "empty file": b"",
     "seven bytes": b"\x01" * 7,
 }
@@ -135,25 +176,52 @@ def test_absurd_safetensors_refused_before_allocating(kind, tmp_path, monkeypatc
     path.write_bytes(data)
     folder = tmp_path / "peft"
     folder.mkdir()
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4})
+    )
     (folder / "adapter_model.safetensors").write_bytes(data)
     tracemalloc.start()
     try:
-        for read in (lambda: sb.Skill.load(path), lambda: sb.Skill.from_bytes(data),
-                     lambda: sb.Skill.from_peft(folder), lambda: safefile.read_safetensors(path)):
+        for read in (
+            lambda: sb.Skill.load(path),
+            lambda: sb.Skill.from_bytes(data),
+            lambda: sb.Skill.from_peft(folder),
+            lambda: safefile.read_safetensors(path),
+        ):
             tracemalloc.reset_peak()
             with pytest.raises(sb.CorruptFile):
                 read()
-            assert tracemalloc.get_traced_memory()[1] < 8 * 2**20 + 4 * len(data), kind  # no big allocation
+            assert tracemalloc.get_traced_memory()[1] < 8 * 2**20 + 4 * len(data), (
+                kind
+            )  # no big allocation
     finally:
         tracemalloc.stop()
     if kind != "overlapping tensors":  # that one is refused by the safetensors parser itself
         assert not loaded, f"{kind}: reached the tensor loader"
 
 
-BAD_NAMES = ["../x", "..", "../../etc/passwd", "/etc/passwd", "/abs", "a/../b", "..\\x", "C:\\x",
-             "a\x00b", "\x00", "x\n", "tab\tname", " lead", "trail ", "rtl\u202eflip", "zero\u200bwidth",
-             "x" * 201, "", "a@b", "name@1"]
+BAD_NAMES = [
+    "../x",
+    "..",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "/abs",
+    "a/../b",
+    "..\\x",
+    "C:\\x",
+    "a\x00b",
+    "\x00",
+    "x\n",
+    "tab\tname",
+    " lead",
+    "trail ",
+    "rtl\u202eflip",
+    "zero\u200bwidth",
+    "x" * 201,
+    "",
+    "a@b",
+    "name@1",
+]
 
 
 def test_names_aliases_and_spaces_cannot_escape(bank, tmp_path):
@@ -164,7 +232,9 @@ def test_names_aliases_and_spaces_cannot_escape(bank, tmp_path):
         with pytest.raises(sb.InvalidName):
             bank.add(bad, skill, embedding=vector(1))
         with pytest.raises(sb.InvalidName):
-            bank.add("fine", skill, embedding={bad: vector(1)})  # a space name becomes an index file name
+            bank.add(
+                "fine", skill, embedding={bad: vector(1)}
+            )  # a space name becomes an index file name
         with pytest.raises((sb.InvalidName, sb.SkillNotFound)):
             bank.alias("kept@1", bad)
         if any(c in bad for c in "\x00\n\t\u202e\u200b") or bad != bad.strip() or not bad:
@@ -371,4 +441,3 @@ def test_rotten_blob_is_rewritten_not_reused(bank):
     bank.add("again", skill, embedding=vector(0))
     assert bank.verify() == type(bank.verify())()
     assert bank.get("kept").factors.keys() == bank.get("again").factors.keys()
-

@@ -24,8 +24,15 @@ def stream():
 def backbone(stream, tmp_path_factory):
     from eval.backbones import pretrain
 
-    return pretrain("vit_nano", stream.source, epochs=80, seed=0, cache_dir=tmp_path_factory.mktemp("cache"),
-                    img_size=8, num_classes=stream.n_classes)
+    return pretrain(
+        "vit_nano",
+        stream.source,
+        epochs=80,
+        seed=0,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        img_size=8,
+        num_classes=stream.n_classes,
+    )
 
 
 def kwargs(*names):
@@ -35,13 +42,22 @@ def kwargs(*names):
 def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path):
     out = tmp_path / "run"
     with sb.SkillBank.open(tmp_path / "bank") as bank:
-        res = runner.bench(stream, ["lora", "finetune", "frozen"], backbone=backbone, bank=bank, seeds=[0, 1],
-                           out=out, learner_kwargs=kwargs("lora", "finetune", "frozen"))
+        res = runner.bench(
+            stream,
+            ["lora", "finetune", "frozen"],
+            backbone=backbone,
+            bank=bank,
+            seeds=[0, 1],
+            out=out,
+            learner_kwargs=kwargs("lora", "finetune", "frozen"),
+        )
         lora, finetune, frozen = res["lora"], res["finetune"], res["frozen"]
         assert lora.R.shape == (3, 2) and len(lora.runs) == 2
         # row 0 is the untrained model, the same for every learner
         np.testing.assert_allclose(lora.runs[0].R[0], frozen.runs[0].R[0])
-        np.testing.assert_allclose(frozen.R, np.repeat(frozen.R[:1], 3, axis=0))  # frozen never changes
+        np.testing.assert_allclose(
+            frozen.R, np.repeat(frozen.R[:1], 3, axis=0)
+        )  # frozen never changes
         # skills are in the bank, tagged with the run, one per task and seed
         refs = [r for run in lora.runs for r in run.skills]
         assert len(refs) == 4 and all(bank.record(r).learner == "lora" for r in refs)
@@ -68,19 +84,41 @@ def test_resume_continues_an_interrupted_run(stream, backbone, tmp_path, monkeyp
             calls.append(state.done)
             if state.done == 1:
                 raise KeyboardInterrupt  # the machine went away after task 1
+
         return original(*a, on_task=hook, **k)
 
     monkeypatch.setattr(runner, "run_seed", crash_after_first_task)
     with pytest.raises(KeyboardInterrupt):
-        runner.run(stream, "lora", backbone=backbone, bank=bank_dir, seeds=[0], out=out, learner_kwargs=kwargs("lora"))
+        runner.run(
+            stream,
+            "lora",
+            backbone=backbone,
+            bank=bank_dir,
+            seeds=[0],
+            out=out,
+            learner_kwargs=kwargs("lora"),
+        )
     ckpt = json.loads((out / "checkpoint.json").read_text())
     assert len(ckpt["runs"]["lora/0"]["skills"]) == 1
     monkeypatch.setattr(runner, "run_seed", original)
     trained = []
-    monkeypatch.setattr(runner.Learner, "fit", lambda self, m, task, bank=None: trained.append(task.name) or
-                        original_fit(self, m, task, bank))
-    res = runner.run(stream, "lora", backbone=backbone, bank=bank_dir, seeds=[0], out=out, resume=True,
-                     learner_kwargs=kwargs("lora"))
+    monkeypatch.setattr(
+        runner.Learner,
+        "fit",
+        lambda self, m, task, bank=None: (
+            trained.append(task.name) or original_fit(self, m, task, bank)
+        ),
+    )
+    res = runner.run(
+        stream,
+        "lora",
+        backbone=backbone,
+        bank=bank_dir,
+        seeds=[0],
+        out=out,
+        resume=True,
+        learner_kwargs=kwargs("lora"),
+    )
     assert trained == [stream[1].name]  # task 0 was not trained again
     assert res.runs[0].R[1] == ckpt["runs"]["lora/0"]["R"][1] and len(res.runs[0].R) == 3
     with sb.SkillBank.open(bank_dir) as bank:
@@ -99,7 +137,9 @@ def test_bad_configuration_fails_before_training(stream, tmp_path):
         load(None, stream="split-mnist", colour="red")
     with pytest.raises(sb.ConfigError, match="unknown stream"):
         load(None, stream="imagenet")
-    assert not (tmp_path / "b" / "blobs").exists() or not any((tmp_path / "b" / "blobs").rglob("*.*"))
+    assert not (tmp_path / "b" / "blobs").exists() or not any(
+        (tmp_path / "b" / "blobs").rglob("*.*")
+    )
 
 
 def test_nan_loss_stops_the_task_and_writes_no_skill(stream, backbone, tmp_path):
@@ -112,17 +152,29 @@ def test_nan_loss_stops_the_task_and_writes_no_skill(stream, backbone, tmp_path)
         with pytest.raises(TrainingError, match="no skill was written"):
             runner.run(stream, "lora", backbone=model, bank=bank, learner_kwargs=kwargs("lora"))
         assert bank.list() == []
-    assert sb.adapter_names(model) == []  # the runner trained a copy; the failed adapter is gone anyway
+    assert (
+        sb.adapter_names(model) == []
+    )  # the runner trained a copy; the failed adapter is gone anyway
 
 
 def test_config_file_and_flags(tmp_path):
     path = tmp_path / "bench.yaml"
     path.write_text("stream: rotated-mnist\ntasks: 3\nlearners: [lora, joint]\nseeds: [1]\n")
     cfg = load(path, seeds=[4, 5])
-    assert (cfg.stream, cfg.tasks, cfg.learners, cfg.seeds) == ("rotated-mnist", 3, ["lora", "joint"], [4, 5])
+    assert (cfg.stream, cfg.tasks, cfg.learners, cfg.seeds) == (
+        "rotated-mnist",
+        3,
+        ["lora", "joint"],
+        [4, 5],
+    )
     assert cfg.source_fraction == 0.5 and cfg.learners == ["lora", "joint"]
-    cfg = load(None, learners=["rank_selective"], learner_options={"rank_selective": {"max_kappa": 0.1}})
-    assert runner.make_learner("rank_selective", **cfg.learner_options["rank_selective"]).max_kappa == 0.1
+    cfg = load(
+        None, learners=["rank_selective"], learner_options={"rank_selective": {"max_kappa": 0.1}}
+    )
+    assert (
+        runner.make_learner("rank_selective", **cfg.learner_options["rank_selective"]).max_kappa
+        == 0.1
+    )
     with pytest.raises(sb.ConfigError, match="not in the run"):
         load(None, learners=["lora"], learner_options={"increlora": {}})
     with pytest.raises(sb.ConfigError, match="source_fraction"):
@@ -157,9 +209,23 @@ def test_resume_of_a_learner_without_skills(stream, backbone, tmp_path):
     # frozen stores no skill per task; its checkpoint must still resume
     with sb.SkillBank.open(tmp_path / "bank") as bank:
         learner = runner.make_learner("frozen", **kwargs("frozen")["frozen"])
-        first = runner.run_seed(stream, learner, backbone, bank, 0, device=torch.device("cpu"), run_id="r")
-        partial = runner.SeedRun(**{k: list(v[:2]) if k in ("R", "R_task", "routing", "retention") else list(v[:1])
-                                    for k, v in vars(first).items()})
-        resumed = runner.run_seed(stream, learner, backbone, bank, 0, device=torch.device("cpu"), run_id="r",
-                                  state=partial)
+        first = runner.run_seed(
+            stream, learner, backbone, bank, 0, device=torch.device("cpu"), run_id="r"
+        )
+        partial = runner.SeedRun(
+            **{
+                k: list(v[:2]) if k in ("R", "R_task", "routing", "retention") else list(v[:1])
+                for k, v in vars(first).items()
+            }
+        )
+        resumed = runner.run_seed(
+            stream,
+            learner,
+            backbone,
+            bank,
+            0,
+            device=torch.device("cpu"),
+            run_id="r",
+            state=partial,
+        )
         assert resumed.R == first.R and resumed.skills == ["", ""]

@@ -19,7 +19,11 @@ VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 @pytest.fixture
 def trained(vit):
     base = copy.deepcopy(vit)
-    sb.add_adapter(vit, "task", sb.LoRAConfig(rank=4, targets=VIT_TARGETS, rank_pattern={"fc1": 2}, head="head"))
+    sb.add_adapter(
+        vit,
+        "task",
+        sb.LoRAConfig(rank=4, targets=VIT_TARGETS, rank_pattern={"fc1": 2}, head="head"),
+    )
     randomise(vit, "task")
     with torch.no_grad():
         vit.head.weight.normal_(std=0.1)
@@ -38,7 +42,9 @@ def test_skill_holds_factors_fingerprint_and_head(trained):
     assert skill.ranks["blocks.0.mlp.fc1"] == 2 and skill.ranks["blocks.0.attn.qkv"] == 4
     assert skill.factors["blocks.0.attn.qkv"][1].shape == (144, 4)
     sig = skill.fingerprint.modules["blocks.0.attn.qkv"]
-    assert (sig.kind, sig.shape, sig.dtype) == ("Linear", (144, 48), "float32") and len(sig.sha256) == 64
+    assert (sig.kind, sig.shape, sig.dtype) == ("Linear", (144, 48), "float32") and len(
+        sig.sha256
+    ) == 64
     assert set(skill.head) == {"head.weight", "head.bias"}
     assert skill.targets == sorted(f"blocks.{i}.{t}" for i in range(2) for t in VIT_TARGETS)
 
@@ -71,12 +77,24 @@ def test_attach_refuses_another_base_naming_the_module(trained, tmp_path):
 
     _, model = trained
     skill = sb.Skill.from_model(model, "task")
-    other = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4, in_chans=1,
-                              num_classes=10, embed_dim=48, depth=2, num_heads=3, mlp_ratio=2.0)
+    other = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=28,
+        patch_size=4,
+        in_chans=1,
+        num_classes=10,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        mlp_ratio=2.0,
+    )
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(sb.BaseMismatch, match=r"blocks\.0\.mlp\.fc1"):
         sb.attach(other, skill)
-    assert sb.adapter_names(other) == [] and all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    assert sb.adapter_names(other) == [] and all(
+        torch.equal(v, before[k]) for k, v in other.state_dict().items()
+    )
 
 
 def test_attach_with_weight_hash_refuses_retrained_base(trained):
@@ -98,8 +116,15 @@ def test_peft_roundtrip_both_ways(trained, vit, x28, tmp_path):
     peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(outputs(peft_model, x28), outputs(model, x28), atol=1e-5, rtol=1e-5)
     # PEFT -> ours, with rsLoRA, rank and alpha patterns and a saved head
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc2"], rank_pattern={"fc2": 2},
-                     alpha_pattern={"qkv": 3}, use_rslora=True, modules_to_save=["head"])
+    cfg = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["qkv", "fc2"],
+        rank_pattern={"fc2": 2},
+        alpha_pattern={"qkv": 3},
+        use_rslora=True,
+        modules_to_save=["head"],
+    )
     peft_model = get_peft_model(copy.deepcopy(base), cfg)
     with torch.no_grad():
         for n, p in peft_model.named_parameters():
@@ -107,7 +132,9 @@ def test_peft_roundtrip_both_ways(trained, vit, x28, tmp_path):
                 p.normal_(std=0.2)
     peft_model.save_pretrained(tmp_path / "theirs")
     skill = sb.Skill.from_peft(tmp_path / "theirs", name="from-peft")
-    assert skill.ranks["blocks.0.mlp.fc2"] == 2 and skill.scales["blocks.0.attn.qkv"] == pytest.approx(3 / 2)
+    assert skill.ranks["blocks.0.mlp.fc2"] == 2 and skill.scales[
+        "blocks.0.attn.qkv"
+    ] == pytest.approx(3 / 2)
     fresh = copy.deepcopy(base)
     sb.attach(fresh, skill)
     torch.testing.assert_close(outputs(fresh, x28), outputs(peft_model, x28), atol=1e-5, rtol=1e-5)
@@ -141,7 +168,12 @@ def test_pickle_offered_as_skill_is_refused_unopened(tmp_path):
 
 def test_truncated_and_corrupt_files_are_refused(trained, tmp_path):
     data = sb.Skill.from_model(trained[1], "task").to_bytes()
-    for bad in (data[:5], data[: len(data) // 2], b"\xff" * 8 + data[8:], data[:8] + b"{not json" + data[17:]):
+    for bad in (
+        data[:5],
+        data[: len(data) // 2],
+        b"\xff" * 8 + data[8:],
+        data[:8] + b"{not json" + data[17:],
+    ):
         with pytest.raises(sb.CorruptFile):
             sb.Skill.from_bytes(bad)
     absurd = (10**15).to_bytes(8, "little") + b"{}"
@@ -171,7 +203,9 @@ def test_peft_folder_of_another_method_or_pickle_is_refused(tmp_path):
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3"}))
     with pytest.raises(sb.ConfigError, match="IA3"):
         sb.Skill.from_peft(folder)
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8})
+    )
     (folder / "adapter_model.bin").write_bytes(pickle.dumps({}))
     with pytest.raises(sb.UnsafeFile, match="pickle"):
         sb.Skill.from_peft(folder)
@@ -188,5 +222,8 @@ def test_header_lengths_that_look_like_pickle_opcodes_still_load(trained):
         skill.metadata["pad"] = ""
         skill.metadata["pad"] = "x" * (target - int.from_bytes(skill.to_bytes()[:8], "little"))
         data = skill.to_bytes()
-        assert data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or int.from_bytes(data[:8], "little") != target
+        assert (
+            data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+            or int.from_bytes(data[:8], "little") != target
+        )
         assert sb.Skill.from_bytes(data).scales == skill.scales

@@ -105,7 +105,9 @@ def opener(catalog_url, tmp_path):
     """``Library.open`` for this test's catalog (either backend), index under tmp_path/index."""
 
     def open_(**kw):
-        return Library.open(catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index", **kw)
+        return Library.open(
+            catalog_url, blobs=tmp_path / "blobs", index_dir=tmp_path / "index", **kw
+        )
 
     return open_
 

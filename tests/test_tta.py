@@ -42,8 +42,14 @@ def nano():
 
 def bn_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                         nn.Flatten(), nn.Linear(16, 10)).eval()
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
 
 
 def small_vida(**kw):
@@ -60,7 +66,9 @@ def x8(n=16, seed=0):
 def test_allot_both_branches_and_uncertainty():
     assert allot(0.1, 0.05) == pytest.approx((0.9, 1.1))  # uncertain: lean on the high-rank adapter
     assert allot(0.01, 0.05) == pytest.approx((1.01, 0.99))  # confident: lean on the low-rank one
-    assert allot(0.05, 0.05) == pytest.approx((0.95, 1.05))  # the threshold itself counts as uncertain
+    assert allot(0.05, 0.05) == pytest.approx(
+        (0.95, 1.05)
+    )  # the threshold itself counts as uncertain
     assert allot(3.0, 0.05) == (0.0, 2.0)  # clipped: no negative scale
     same = torch.randn(1, 4, 10).expand(5, 4, 10)
     assert uncertainty(same) == 0.0
@@ -71,7 +79,9 @@ def test_allot_both_branches_and_uncertainty():
 def test_ema_math():
     t, s = [torch.ones(3), torch.zeros(2)], [torch.zeros(3), torch.ones(2)]
     ema_update(t, s, 0.9)
-    assert torch.allclose(t[0], torch.full((3,), 0.9)) and torch.allclose(t[1], torch.full((2,), 0.1))
+    assert torch.allclose(t[0], torch.full((3,), 0.9)) and torch.allclose(
+        t[1], torch.full((2,), 0.1)
+    )
 
 
 def test_augment_is_batched_and_bounded():
@@ -91,15 +101,21 @@ def test_vida_starts_as_source_and_teacher_is_ema(nano):
     vida.setup(copy.deepcopy(nano))
     assert {LOW, HIGH} <= set(sb.adapter_names(vida.model))
     layers = sb.adapter_layers(vida.model)
-    assert all(float(layer.lora_B[n].detach().abs().sum()) == 0 for layer in layers for n in (LOW, HIGH))
-    assert {layer.ranks[LOW] for layer in layers} == {1} and {layer.ranks[HIGH] for layer in layers} == {4}
+    assert all(
+        float(layer.lora_B[n].detach().abs().sum()) == 0 for layer in layers for n in (LOW, HIGH)
+    )
+    assert {layer.ranks[LOW] for layer in layers} == {1} and {
+        layer.ranks[HIGH] for layer in layers
+    } == {4}
     before = {k: v.clone() for k, v in vida.teacher.state_dict().items()}
     with torch.no_grad():
         expected = src(x)
     logits = vida.step(x)  # B = 0: the first prediction is the source model's
     assert torch.allclose(logits, expected, atol=1e-5)
     lo, hi = vida.scales
-    assert sorted([lo, hi]) == pytest.approx([1 - min(vida.last_uncertainty, 1), 1 + min(vida.last_uncertainty, 1)])
+    assert sorted([lo, hi]) == pytest.approx(
+        [1 - min(vida.last_uncertainty, 1), 1 + min(vida.last_uncertainty, 1)]
+    )
     student = dict(vida.model.named_parameters())
     moved = 0
     for k, p in vida.teacher.named_parameters():
@@ -114,9 +130,14 @@ def test_vida_starts_as_source_and_teacher_is_ema(nano):
 def test_vida_warmup_and_backbone_option(nano, stream):
     src = copy.deepcopy(nano)
     vida = small_vida(warmup_steps=3, warmup_augment=0.5, train_backbone=True)
-    source = replace(stream.source, x_train=stream.source.x_train[:128], y_train=stream.source.y_train[:128])
+    source = replace(
+        stream.source, x_train=stream.source.x_train[:128], y_train=stream.source.y_train[:128]
+    )
     vida.setup(copy.deepcopy(nano), source)
-    assert any(float(layer.lora_B[HIGH].detach().abs().sum()) > 0 for layer in sb.adapter_layers(vida.model))
+    assert any(
+        float(layer.lora_B[HIGH].detach().abs().sum()) > 0
+        for layer in sb.adapter_layers(vida.model)
+    )
     vida.step(x8())
     groups = vida.opt.param_groups
     assert [g["lr"] for g in groups] == [1e-4, 1e-5]
@@ -126,7 +147,9 @@ def test_vida_warmup_and_backbone_option(nano, stream):
 def test_domain_skill_roundtrip_and_retrieval(nano, stream, tmp_path):
     vida = small_vida(lr=1e-2, bank_skills=True)
     with sb.SkillBank.open(tmp_path / "bank") as bank:
-        run = run_stream(vida, nano, stream, batch_size=64, bank=bank, tags={"seed": "0", "source": "m0"})
+        run = run_stream(
+            vida, nano, stream, batch_size=64, bank=bank, tags={"seed": "0", "source": "m0"}
+        )
         assert len(run.skills) == 2 and all(run.skills)
         rec = bank.get(run.skills[0])
         assert rec.metadata["vida"]["ranks"] == [1, 4]
@@ -146,7 +169,9 @@ def test_domain_skill_roundtrip_and_retrieval(nano, stream, tmp_path):
         assert hit is not None and f"{hit.name}@{hit.version}" == run.skills[0]
         got = again.domain_skill("x")
         for site, (a, b) in got.factors.items():
-            assert torch.allclose(a, rec.factors[site][0]) and torch.allclose(b, rec.factors[site][1], atol=1e-6)
+            assert torch.allclose(a, rec.factors[site][0]) and torch.allclose(
+                b, rec.factors[site][1], atol=1e-6
+            )
         assert again.start_from_bank(bank, stream[0].x_test[:64], where={"source": "other"}) is None
         with pytest.raises(sb.ConfigError, match="not a ViDA skill"):
             again.load_skill(replace(rec, metadata={}))
@@ -217,11 +242,21 @@ def test_online_loop_never_sees_labels(nano, stream):
     with pytest.raises(sb.ConfigError):
         online(spy, stream[0].y_test)  # labels are not inputs
     # shuffled labels change the score, never the adaptation: ViDA ends in the same state
-    small = streams.Stream(tuple(replace(t, x_test=t.x_test[:48], y_test=t.y_test[:48]) for t in stream),
-                           "tta", stream.n_classes, stream.source, "s")
+    small = streams.Stream(
+        tuple(replace(t, x_test=t.x_test[:48], y_test=t.y_test[:48]) for t in stream),
+        "tta",
+        stream.n_classes,
+        stream.source,
+        "s",
+    )
     g = torch.Generator().manual_seed(1)
-    wrong = streams.Stream(tuple(replace(t, y_test=t.y_test[torch.randperm(48, generator=g)]) for t in small),
-                           "tta", stream.n_classes, stream.source, "s")
+    wrong = streams.Stream(
+        tuple(replace(t, y_test=t.y_test[torch.randperm(48, generator=g)]) for t in small),
+        "tta",
+        stream.n_classes,
+        stream.source,
+        "s",
+    )
     states = []
     for s in (small, wrong):
         v = small_vida(lr=1e-2)
@@ -231,8 +266,17 @@ def test_online_loop_never_sees_labels(nano, stream):
 
 
 def test_bad_inputs(nano):
-    for bad in ({"views": 1}, {"low_rank": 4, "high_rank": 4}, {"ema": 1.0}, {"lr": 0.0}, {"high_rank": 0},
-                {"min_score": 0.0}, {"targets": ()}, {"warmup_steps": -1}, {"warmup_augment": 2.0}):
+    for bad in (
+        {"views": 1},
+        {"low_rank": 4, "high_rank": 4},
+        {"ema": 1.0},
+        {"lr": 0.0},
+        {"high_rank": 0},
+        {"min_score": 0.0},
+        {"targets": ()},
+        {"warmup_steps": -1},
+        {"warmup_augment": 2.0},
+    ):
         with pytest.raises(sb.ConfigError):
             small_vida(**bad)
     with pytest.raises(sb.ConfigError, match="unknown test-time"):
@@ -261,20 +305,40 @@ def test_bench_protocol_small(tmp_path, monkeypatch, stream):
     from eval.config import BenchConfig
     from eval.tta import bench_protocol
 
-    small = streams.Stream(tuple(replace(t, x_test=t.x_test[:64], y_test=t.y_test[:64]) for t in stream),
-                           "tta", stream.n_classes, stream.source, "tiny")
+    small = streams.Stream(
+        tuple(replace(t, x_test=t.x_test[:64], y_test=t.y_test[:64]) for t in stream),
+        "tta",
+        stream.n_classes,
+        stream.source,
+        "tiny",
+    )
     monkeypatch.setattr(config, "build_stream", lambda cfg: small)
     monkeypatch.setenv("SKILLBANK_CACHE", str(tmp_path / "cache"))
-    cfg = BenchConfig(protocol="tta", backbone="vit_nano", pretrain_epochs=1, seeds=[0], device="cpu",
-                      out=str(tmp_path / "out"), batch_size=32,
-                      learners=["source", "bn_adapt", "tent", "vida", "vida:frozen"],
-                      learner_options={"vida": {"high_rank": 4, "views": 2, "warmup_steps": 2},
-                                       "vida:frozen": {"high_rank": 4, "warmup_steps": 2, "adapt": False,
-                                                       "bank_skills": False}})
+    cfg = BenchConfig(
+        protocol="tta",
+        backbone="vit_nano",
+        pretrain_epochs=1,
+        seeds=[0],
+        device="cpu",
+        out=str(tmp_path / "out"),
+        batch_size=32,
+        learners=["source", "bn_adapt", "tent", "vida", "vida:frozen"],
+        learner_options={
+            "vida": {"high_rank": 4, "views": 2, "warmup_steps": 2},
+            "vida:frozen": {
+                "high_rank": 4,
+                "warmup_steps": 2,
+                "adapt": False,
+                "bank_skills": False,
+            },
+        },
+    )
     doc = bench_protocol(cfg, str(tmp_path / "bank"))
     assert set(doc["methods"]) == {"source", "bn_adapt", "tent", "vida", "vida:frozen"}
     assert len(doc["methods"]["vida"]["errors"][0]) == 2 and "met_le_tent" in doc["goals"]
-    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "tta_error.png").is_file()
+    assert (tmp_path / "out" / "results.json").is_file() and (
+        tmp_path / "out" / "tta_error.png"
+    ).is_file()
     assert "| vida |" in (tmp_path / "out" / "table.md").read_text()
     with sb.SkillBank.open(tmp_path / "bank") as bank:
         assert len(bank.list()) == 2
@@ -288,7 +352,11 @@ def test_shuffled_keeps_pairs_and_domain_order(stream):
     s = shuffled(stream, 0)
     assert [t.name for t in s] == [t.name for t in stream]
     for a, b in zip(stream, s, strict=True):
-        assert not torch.equal(a.y_test, b.y_test) and sorted(a.y_test.tolist()) == sorted(b.y_test.tolist())
-        i = int((a.x_test.flatten(1) == b.x_test[0].flatten()).all(1).nonzero()[0])  # pairs stay together
+        assert not torch.equal(a.y_test, b.y_test) and sorted(a.y_test.tolist()) == sorted(
+            b.y_test.tolist()
+        )
+        i = int(
+            (a.x_test.flatten(1) == b.x_test[0].flatten()).all(1).nonzero()[0]
+        )  # pairs stay together
         assert a.y_test[i] == b.y_test[0]
     assert all(torch.equal(a.x_test, b.x_test) for a, b in zip(s, shuffled(stream, 0), strict=True))

@@ -24,7 +24,9 @@ def _normalise_target(t: Any) -> str:
             except re.error as e:
                 raise ConfigError(f"target {t!r} is not a valid regular expression: {e}") from None
         return t
-    raise ConfigError(f"target {t!r} must be a module name, 're:<regex>', 'type:<Class>' or an nn.Module class")
+    raise ConfigError(
+        f"target {t!r} must be a module name, 're:<regex>', 'type:<Class>' or an nn.Module class"
+    )
 
 
 def matches(pattern: str, path: str, module: nn.Module | None = None) -> bool:

@@ -42,8 +42,14 @@ class LoRALinear(torch.autograd.Function):
         return gx, gw, gbias, ga, gb, None
 
 
-def lora_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
-                b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+def lora_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    s: torch.Tensor,
+) -> torch.Tensor:
     """``LoRALinear`` on inputs of any leading shape."""
     y = LoRALinear.apply(x.reshape(-1, x.shape[-1]), w, bias, a, b, s)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -92,8 +92,13 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, *, activate: bo
             layer = kind(site.module, site.path)
             layer.train(site.module.training)
             setattr(site.parent, site.attr, layer)
-        layer.add(name, config.rank_for(site.path, layer.base), config.scale_for(site.path, layer.base),
-                  config.dropout, config.init)
+        layer.add(
+            name,
+            config.rank_for(site.path, layer.base),
+            config.scale_for(site.path, layer.base),
+            config.dropout,
+            config.init,
+        )
     adapter_configs(model)[name] = config
 
     for p in model.parameters():
@@ -126,7 +131,9 @@ def _plan(model: nn.Module, config: LoRAConfig) -> list[tuple[_Site, type[Adapte
             continue
         kind = kind_for(module)
         if kind is None:
-            if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) or not list(module.parameters(recurse=False)):
+            if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.Sequential)) or not list(
+                module.parameters(recurse=False)
+            ):
                 continue  # containers match suffixes by accident; only leaves with weights count
             raise UnsupportedModule(
                 f"'{site.path}' is a {type(module).__name__}; adapters support nn.Linear, nn.Conv2d "
@@ -146,7 +153,9 @@ def _plan(model: nn.Module, config: LoRAConfig) -> list[tuple[_Site, type[Adapte
                     "target the attention module itself (it adapts q, k, v and out_proj)"
                 )
     if not plan:
-        candidates = [s.path for s in sites if kind_for(s.module) or isinstance(s.module, AdapterLayer)]
+        candidates = [
+            s.path for s in sites if kind_for(s.module) or isinstance(s.module, AdapterLayer)
+        ]
         raise NoTargetMatched(
             f"no module matched targets {list(config.targets)}; adaptable modules here include "
             f"{candidates[:8]}{' ...' if len(candidates) > 8 else ''}"
@@ -166,8 +175,9 @@ def _resolve(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:
     return names
 
 
-def set_active(model: nn.Module, names: str | Sequence[str] | None,
-               weights: Sequence[float] | None = None) -> None:
+def set_active(
+    model: nn.Module, names: str | Sequence[str] | None, weights: Sequence[float] | None = None
+) -> None:
     """Make ``names`` the active set (their outputs add up, scaled by ``weights``)."""
     names = _resolve(model, names)
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
@@ -175,7 +185,9 @@ def set_active(model: nn.Module, names: str | Sequence[str] | None,
         raise ConfigError(f"{len(names)} adapters but {len(weights)} weights")
     layers = adapter_layers(model)
     if any(layer.merged is not None for layer in layers):
-        raise MergedError("the model is merged; call sb.unmerge(model) before changing the active set")
+        raise MergedError(
+            "the model is merged; call sb.unmerge(model) before changing the active set"
+        )
     for layer in layers:
         layer.set_active(list(zip(names, weights, strict=True)))
 
@@ -229,15 +241,24 @@ def unmerge(model: nn.Module) -> None:
         layer.unmerge()
 
 
-def param_groups(model: nn.Module, lr: float, b_ratio: float = 16.0,
-                 weight_decay: float = 0.0) -> list[dict]:
+def param_groups(
+    model: nn.Module, lr: float, b_ratio: float = 16.0, weight_decay: float = 0.0
+) -> list[dict]:
     """Optimizer groups for LoRA+: B matrices at ``lr * b_ratio``, everything else at ``lr``."""
     if lr <= 0 or b_ratio <= 0:
         raise ConfigError(f"lr and b_ratio must be positive, got lr={lr}, b_ratio={b_ratio}")
     b_ids = {id(p) for layer in adapter_layers(model) for p in layer.lora_B.values()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if id(p) not in b_ids], "lr": lr, "weight_decay": weight_decay},
-        {"params": [p for p in trainable if id(p) in b_ids], "lr": lr * b_ratio, "weight_decay": weight_decay},
+        {
+            "params": [p for p in trainable if id(p) not in b_ids],
+            "lr": lr,
+            "weight_decay": weight_decay,
+        },
+        {
+            "params": [p for p in trainable if id(p) in b_ids],
+            "lr": lr * b_ratio,
+            "weight_decay": weight_decay,
+        },
     ]
     return [g for g in groups if g["params"]]

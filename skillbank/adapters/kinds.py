@@ -43,7 +43,9 @@ def _flat_rows(x: torch.Tensor, out: torch.Tensor):
 class _LinearMap(AdapterLayer):
     """Shared by kinds whose adapted op is a matrix product on the last dim."""
 
-    def project(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add
+    ) -> torch.Tensor:
         """``x W^T + b`` plus ``add``'s low-rank term; the active set runs fused when it can."""
         if add == self.lowrank_add and self._fusable(x, weight):
             pairs = [(self.factors_2d(n), w * self.scaling[n]) for n, w in self.active]
@@ -58,8 +60,10 @@ class _LinearMap(AdapterLayer):
         # Dropout masks and autocast casts belong to the generic path.
         if torch.is_autocast_enabled(x.device.type) or x.dtype != weight.dtype:
             return False
-        return all(isinstance(self.lora_dropout[n], nn.Identity) and self.lora_A[n].dtype == x.dtype
-                   for n, _ in self.active)
+        return all(
+            isinstance(self.lora_dropout[n], nn.Identity) and self.lora_A[n].dtype == x.dtype
+            for n, _ in self.active
+        )
 
     def lowrank_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x2, o2 = _flat_rows(x, out)
@@ -120,9 +124,13 @@ class Conv2dAdapter(AdapterLayer):
     @classmethod
     def check(cls, module: nn.Conv2d, rank: int, path: str) -> None:
         if module.groups != 1:
-            raise UnsupportedModule(f"'{path}' is a grouped Conv2d (groups={module.groups}); only groups=1 is supported")
+            raise UnsupportedModule(
+                f"'{path}' is a grouped Conv2d (groups={module.groups}); only groups=1 is supported"
+            )
         if module.padding_mode != "zeros":
-            raise UnsupportedModule(f"'{path}' uses padding_mode={module.padding_mode!r}; only 'zeros' is supported")
+            raise UnsupportedModule(
+                f"'{path}' uses padding_mode={module.padding_mode!r}; only 'zeros' is supported"
+            )
         super().check(module, rank, path)
 
     @classmethod
@@ -132,7 +140,9 @@ class Conv2dAdapter(AdapterLayer):
 
     def new_factors(self, rank):
         m = self.base
-        return torch.empty(rank, m.in_channels, *m.kernel_size), torch.zeros(m.out_channels, rank, 1, 1)
+        return torch.empty(rank, m.in_channels, *m.kernel_size), torch.zeros(
+            m.out_channels, rank, 1, 1
+        )
 
     def factors_2d(self, name):
         a, b = self.lora_A[name], self.lora_B[name]
@@ -149,7 +159,9 @@ class Conv2dAdapter(AdapterLayer):
     def lowrank_add(self, x, out):
         for name, weight in self.active:
             a, b = self.lora_A[name], self.lora_B[name]
-            h = self._down(self.lora_dropout[name](x).to(a.dtype), a) * (weight * self.scaling[name])
+            h = self._down(self.lora_dropout[name](x).to(a.dtype), a) * (
+                weight * self.scaling[name]
+            )
             out.add_(F.conv2d(h, b).to(out.dtype))  # in place, as for linear maps
         return out
 
@@ -216,17 +228,52 @@ class MultiheadAttentionAdapter(_LinearMap):
             self.lora_A[name].data[i].copy_(factors[site][0])
             self.lora_B[name].data[i].copy_(factors[site][1])
 
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
-                attn_mask=None, average_attn_weights=True, is_causal=False):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         if self.rows is None and self.mix is None and (not self.active or self.merged is not None):
-            return self.base(query, key, value, key_padding_mask=key_padding_mask,
-                             need_weights=need_weights, attn_mask=attn_mask,
-                             average_attn_weights=average_attn_weights, is_causal=is_causal)
-        return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights, is_causal)
+            return self.base(
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                average_attn_weights=average_attn_weights,
+                is_causal=is_causal,
+            )
+        return super().forward(
+            query,
+            key,
+            value,
+            key_padding_mask,
+            need_weights,
+            attn_mask,
+            average_attn_weights,
+            is_causal,
+        )
 
-    def run(self, weight, add, query, key, value, key_padding_mask=None, need_weights=True,
-            attn_mask=None, average_attn_weights=True, is_causal=False):
+    def run(
+        self,
+        weight,
+        add,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
         m = self.base
         if not m.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
@@ -239,8 +286,11 @@ class MultiheadAttentionAdapter(_LinearMap):
             q, k, v = project(query).chunk(3, dim=-1)
         else:
             q = project(query)[..., :e]
-            k, v = project(key)[..., e:].chunk(2, dim=-1) if key is value else (
-                project(key)[..., e:2 * e], project(value)[..., 2 * e:])
+            k, v = (
+                project(key)[..., e:].chunk(2, dim=-1)
+                if key is value
+                else (project(key)[..., e : 2 * e], project(value)[..., 2 * e :])
+            )
         n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(n, -1, heads, e // heads).transpose(1, 2) for t in (q, k, v))
         mask = _attention_mask(attn_mask, key_padding_mask, n, heads, lq, lk, q.dtype)
@@ -250,13 +300,16 @@ class MultiheadAttentionAdapter(_LinearMap):
             if mask is not None:
                 scores = scores + mask
             elif is_causal:
-                scores = scores.masked_fill(torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                scores = scores.masked_fill(
+                    torch.ones(lq, lk, dtype=torch.bool, device=q.device).triu(1), float("-inf")
+                )
             attn = scores.softmax(-1)
             out = F.dropout(attn, p) @ v
             weights = attn.mean(1) if average_attn_weights else attn
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                 is_causal=is_causal and mask is None)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal and mask is None
+            )
             weights = None
         out = m.out_proj(out.transpose(1, 2).reshape(n, lq, e))
         return (out if m.batch_first else out.transpose(0, 1)), weights
@@ -266,7 +319,11 @@ def _attention_mask(attn_mask, key_padding_mask, n, heads, lq, lk, dtype):
     """Both masks of ``nn.MultiheadAttention`` as one additive float mask (or None)."""
 
     def additive(m):
-        return torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(dtype)
+        return (
+            torch.zeros_like(m, dtype=dtype).masked_fill(m, float("-inf"))
+            if m.dtype == torch.bool
+            else m.to(dtype)
+        )
 
     mask = None
     if attn_mask is not None:

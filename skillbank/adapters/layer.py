@@ -176,8 +176,13 @@ class AdapterLayer(nn.Module):
         # active set, any factor or the base weight changes.
         w = self.base_weight()
         params = [p for n, _ in self.active for p in self.adapter_parameters(n)]
-        key = (self.active, w._version, w.data_ptr(), w.dtype,
-               tuple((p._version, p.data_ptr()) for p in params))
+        key = (
+            self.active,
+            w._version,
+            w.data_ptr(),
+            w.dtype,
+            tuple((p._version, p.data_ptr()) for p in params),
+        )
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
                 self._eval_cache = (key, w + self.delta_weight(self.active))
@@ -235,8 +240,12 @@ class AdapterLayer(nn.Module):
         pairs = [self.factors_2d(n) for n in names]
         a = torch.cat([a for a, _ in pairs])
         b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(names, pairs, strict=True)], dim=1)
-        unit = torch.cat([torch.full((a_.shape[0],), k, dtype=torch.long, device=a.device)
-                          for k, (a_, _) in enumerate(pairs)])
+        unit = torch.cat(
+            [
+                torch.full((a_.shape[0],), k, dtype=torch.long, device=a.device)
+                for k, (a_, _) in enumerate(pairs)
+            ]
+        )
         if not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
             self._cat_cache = (key, a, b, unit)
         return a, b, unit
@@ -253,13 +262,23 @@ class AdapterLayer(nn.Module):
         key = (names, transposed, tuple((p._version, p.data_ptr()) for p in params))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], self._stack_cache[2]
-        pairs = [(a, b * self.scaling[n]) for n, (a, b) in zip(names, map(self.factors_2d, names), strict=True)]
+        pairs = [
+            (a, b * self.scaling[n])
+            for n, (a, b) in zip(names, map(self.factors_2d, names), strict=True)
+        ]
         a0, b0 = self.factors_2d(self.names()[0])
         r = max([a.shape[0] for a, _ in pairs], default=1)
-        a_stack = torch.stack([a0.new_zeros(r, a0.shape[1])] + [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs])
-        b_stack = torch.stack([b0.new_zeros(b0.shape[0], r)] + [F.pad(b, (0, r - b.shape[1])) for _, b in pairs])
+        a_stack = torch.stack(
+            [a0.new_zeros(r, a0.shape[1])] + [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs]
+        )
+        b_stack = torch.stack(
+            [b0.new_zeros(b0.shape[0], r)] + [F.pad(b, (0, r - b.shape[1])) for _, b in pairs]
+        )
         if transposed:
-            a_stack, b_stack = a_stack.transpose(1, 2).contiguous(), b_stack.transpose(1, 2).contiguous()
+            a_stack, b_stack = (
+                a_stack.transpose(1, 2).contiguous(),
+                b_stack.transpose(1, 2).contiguous(),
+            )
         if not torch.is_grad_enabled():
             self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack

@@ -32,7 +32,9 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
             slot = {n: i for i, n in enumerate(here, start=1)}
             device = layer.base_weight().device
             layer.row_names = here
-            layer.rows = torch.tensor([slot.get(r, 0) for r in rows], dtype=torch.long, device=device)
+            layer.rows = torch.tensor(
+                [slot.get(r, 0) for r in rows], dtype=torch.long, device=device
+            )
         yield
     finally:
         for layer in layers:
@@ -52,7 +54,9 @@ def composed(model: nn.Module, names: Sequence[str], weights: torch.Tensor) -> I
     names = list(names)
     _resolve(model, names)
     if weights.dim() != 2 or weights.shape[1] != len(names):
-        raise ConfigError(f"composed needs weights of shape (rows, {len(names)}), got {tuple(weights.shape)}")
+        raise ConfigError(
+            f"composed needs weights of shape (rows, {len(names)}), got {tuple(weights.shape)}"
+        )
     layers = adapter_layers(model)
     if any(layer.merged is not None for layer in layers):
         raise MergedError("composed needs unmerged adapters; call sb.unmerge(model)")

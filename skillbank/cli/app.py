@@ -29,22 +29,37 @@ def version() -> None:
 
 
 @command()
-def bench(ctx: typer.Context,
-          config: str = typer.Option(None, "--config", "-c", help="YAML or JSON file of settings; flags override it."),
-          protocol: str = typer.Option(None, help="continual (default) | tta (test-time adaptation) | transfer (few-shot composition)."),
-          stream: str = typer.Option(None, help="split-mnist | rotated-mnist | permuted-mnist | corrupted-mnist | split-digits"),
-          tasks: int = typer.Option(None, help="Number of tasks (split, rotated, permuted)."),
-          scenario: str = typer.Option(None, help="class | task (split streams)."),
-          backbone: str = typer.Option(None, help="Preset, timm model name or open_clip:<name>."),
-          learners: str = typer.Option(None, help="Comma-separated, e.g. lora,finetune,joint."),
-          seeds: str = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
-          epochs: int = typer.Option(None, help="Training epochs per task."),
-          rank: int = typer.Option(None, help="Adapter rank."),
-          device: str = typer.Option(None, help="auto | cpu | cuda"),
-          out: str = typer.Option(None, help="Folder for results.json, plots and the checkpoint."),
-          resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its checkpoint."),
-          nproc: int = typer.Option(None, "--nproc", help="Train and score with N processes (torch.distributed; "
-                                                           "gloo on CPU, one GPU each with NCCL).")) -> None:
+def bench(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        None, "--config", "-c", help="YAML or JSON file of settings; flags override it."
+    ),
+    protocol: str = typer.Option(
+        None,
+        help="continual (default) | tta (test-time adaptation) | transfer (few-shot composition).",
+    ),
+    stream: str = typer.Option(
+        None, help="split-mnist | rotated-mnist | permuted-mnist | corrupted-mnist | split-digits"
+    ),
+    tasks: int = typer.Option(None, help="Number of tasks (split, rotated, permuted)."),
+    scenario: str = typer.Option(None, help="class | task (split streams)."),
+    backbone: str = typer.Option(None, help="Preset, timm model name or open_clip:<name>."),
+    learners: str = typer.Option(None, help="Comma-separated, e.g. lora,finetune,joint."),
+    seeds: str = typer.Option(None, help="Comma-separated seeds, e.g. 0,1,2."),
+    epochs: int = typer.Option(None, help="Training epochs per task."),
+    rank: int = typer.Option(None, help="Adapter rank."),
+    device: str = typer.Option(None, help="auto | cpu | cuda"),
+    out: str = typer.Option(None, help="Folder for results.json, plots and the checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted run from its checkpoint."
+    ),
+    nproc: int = typer.Option(
+        None,
+        "--nproc",
+        help="Train and score with N processes (torch.distributed; "
+        "gloo on CPU, one GPU each with NCCL).",
+    ),
+) -> None:
     """Run the continual-learning benchmark (default: the main job, split MNIST-5k, 3 seeds).
 
     Skills go into the bank given by the global --bank (default ./skills). With
@@ -55,11 +70,23 @@ def bench(ctx: typer.Context,
     from .core import open_bank, state
 
     chosen = state().bank
-    cfg = load(config, protocol=protocol, stream=stream, tasks=tasks, scenario=scenario, backbone=backbone,
-               learners=learners.split(",") if learners else None,
-               seeds=[int(s) for s in seeds.split(",")] if seeds else None, epochs=epochs, rank=rank,
-               device=device, out=out, bank=chosen if chosen != "skills" else None, resume=resume or None,
-               nproc=nproc)
+    cfg = load(
+        config,
+        protocol=protocol,
+        stream=stream,
+        tasks=tasks,
+        scenario=scenario,
+        backbone=backbone,
+        learners=learners.split(",") if learners else None,
+        seeds=[int(s) for s in seeds.split(",")] if seeds else None,
+        epochs=epochs,
+        rank=rank,
+        device=device,
+        out=out,
+        bank=chosen if chosen != "skills" else None,
+        resume=resume or None,
+        nproc=nproc,
+    )
     from learners import distributed
 
     if cfg.nproc > 1 and not distributed.launched():  # validated here, run by N workers
@@ -69,8 +96,11 @@ def bench(ctx: typer.Context,
     try:
         with contextlib.ExitStack() as stack:
             with distributed.main_first():  # rank 0 creates the bank, the others open it after
-                bank = stack.enter_context(open_bank(create=True) if cfg.bank == chosen
-                                           else contextlib.nullcontext(cfg.bank))
+                bank = stack.enter_context(
+                    open_bank(create=True)
+                    if cfg.bank == chosen
+                    else contextlib.nullcontext(cfg.bank)
+                )
             execute(cfg, bank=bank)
     finally:
         distributed.shutdown(created)
@@ -98,12 +128,22 @@ def _launch(ctx: typer.Context, nproc: int) -> None:
 
     from .core import fail
 
-    argv = ["--standalone", "--nproc-per-node", str(nproc), "-m", "skillbank.cli", *_flags(ctx.parent), "bench",
-            *_flags(ctx, skip=("nproc",))]
+    argv = [
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "skillbank.cli",
+        *_flags(ctx.parent),
+        "bench",
+        *_flags(ctx, skip=("nproc",)),
+    ]
     try:
         torchrun(argv)
     except ChildFailedError as e:
-        raise fail(f"{len(e.failures)} of {nproc} bench processes failed (their errors are above)") from None
+        raise fail(
+            f"{len(e.failures)} of {nproc} bench processes failed (their errors are above)"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ class State:
     debug: bool = False
 
 
-_STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar("skillbank_cli_state", default=None)
+_STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar(
+    "skillbank_cli_state", default=None
+)
 
 
 def state() -> State:
@@ -62,10 +64,21 @@ def state() -> State:
 @app.callback()
 def main(
     ctx: typer.Context,
-    bank: str = typer.Option("skills", "--bank", "-b", envvar="SKILLBANK_URL", show_envvar=True,
-                             help="Bank directory (embedded SQLite) or SQLAlchemy URL."),
-    blobs: str | None = typer.Option(None, "--blobs", envvar="SKILLBANK_BLOBS", show_envvar=True,
-                                     help="Blob directory; required when --bank is a URL."),
+    bank: str = typer.Option(
+        "skills",
+        "--bank",
+        "-b",
+        envvar="SKILLBANK_URL",
+        show_envvar=True,
+        help="Bank directory (embedded SQLite) or SQLAlchemy URL.",
+    ),
+    blobs: str | None = typer.Option(
+        None,
+        "--blobs",
+        envvar="SKILLBANK_BLOBS",
+        show_envvar=True,
+        help="Blob directory; required when --bank is a URL.",
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
     """Browse and maintain a skill bank from the terminal."""
@@ -130,7 +143,9 @@ def command(target: typer.Typer = app, name: str | None = None, **kw: Any) -> Ca
 
                 if isinstance(e, (SkillbankError, OSError, SQLAlchemyError)):
                     raise fail(_one_line(e)) from None
-                raise fail(f"{type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)") from None
+                raise fail(
+                    f"{type(e).__name__}: {_one_line(e)} (rerun with --debug for the traceback)"
+                ) from None
 
         target.command(name=name, **kw)(run)
         return fn
@@ -149,9 +164,13 @@ def open_bank(create: bool = False) -> Iterator[SkillBank]:
     st = state()
     if is_url(st.bank):
         if not st.blobs:
-            raise typer.BadParameter(f"a catalog URL needs --blobs DIR (or SKILLBANK_BLOBS); got {st.bank}",
-                                     param_hint="--blobs")
-    elif not create and not (Path(st.bank) / "catalog.db").is_file() and not Path(st.bank).is_file():
+            raise typer.BadParameter(
+                f"a catalog URL needs --blobs DIR (or SKILLBANK_BLOBS); got {st.bank}",
+                param_hint="--blobs",
+            )
+    elif (
+        not create and not (Path(st.bank) / "catalog.db").is_file() and not Path(st.bank).is_file()
+    ):
         raise fail(f"no skill bank at {st.bank!r} (pass --bank PATH|URL or set SKILLBANK_URL)")
     from skillbank import SkillBank
 
@@ -163,7 +182,13 @@ def open_bank(create: bool = False) -> Iterator[SkillBank]:
 
 
 # ------------------------------------------------------------- parsing
-FILTER_KEYS = {"tag": "tags", "base": "base_id", "learner": "learner", "text": "text", "name": "name"}
+FILTER_KEYS = {
+    "tag": "tags",
+    "base": "base_id",
+    "learner": "learner",
+    "text": "text",
+    "name": "name",
+}
 
 
 def parse_filters(filters: list[str] | None) -> dict[str, Any]:
@@ -172,13 +197,17 @@ def parse_filters(filters: list[str] | None) -> dict[str, Any]:
     for f in filters or []:
         kind, sep, value = f.partition(":")
         if not sep or kind not in FILTER_KEYS or not value:
-            raise typer.BadParameter(f"{f!r}: expected one of {', '.join(k + ':...' for k in FILTER_KEYS)}",
-                                     param_hint="--filter")
+            raise typer.BadParameter(
+                f"{f!r}: expected one of {', '.join(k + ':...' for k in FILTER_KEYS)}",
+                param_hint="--filter",
+            )
         key = FILTER_KEYS[kind]
         if key == "tags":
             k, eq, v = value.partition("=")
             if not eq or not k:
-                raise typer.BadParameter(f"{f!r}: a tag filter is tag:KEY=VALUE", param_hint="--filter")
+                raise typer.BadParameter(
+                    f"{f!r}: a tag filter is tag:KEY=VALUE", param_hint="--filter"
+                )
             out.setdefault("tags", {})[k] = v
         elif key in out:
             raise typer.BadParameter(f"{kind}: given twice", param_hint="--filter")

@@ -29,8 +29,10 @@ JSON = typer.Option(False, "--json", help="One JSON document on stdout.")
 
 # ------------------------------------------------------------- labels
 @command()
-def alias(ref: str = typer.Argument(..., help="NAME@VERSION (or NAME for the latest)."),
-          name: str = typer.Argument(..., help="The alias, e.g. prod.")) -> None:
+def alias(
+    ref: str = typer.Argument(..., help="NAME@VERSION (or NAME for the latest)."),
+    name: str = typer.Argument(..., help="The alias, e.g. prod."),
+) -> None:
     """Point an alias (NAME@ALIAS) at a version; an existing alias moves."""
     with open_bank() as bank:
         target = bank.alias(ref, name)
@@ -38,8 +40,10 @@ def alias(ref: str = typer.Argument(..., help="NAME@VERSION (or NAME for the lat
 
 
 @command()
-def unalias(name: str = typer.Argument(..., help="Skill name."),
-            alias_: str = typer.Argument(..., metavar="ALIAS", help="The alias to drop.")) -> None:
+def unalias(
+    name: str = typer.Argument(..., help="Skill name."),
+    alias_: str = typer.Argument(..., metavar="ALIAS", help="The alias to drop."),
+) -> None:
     """Drop an alias."""
     with open_bank() as bank:
         target = bank.unalias(name, alias_)
@@ -47,8 +51,10 @@ def unalias(name: str = typer.Argument(..., help="Skill name."),
 
 
 @command()
-def tag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
-        pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...", help="One or more tags.")) -> None:
+def tag(
+    ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+    pairs: list[str] = typer.Argument(..., metavar="KEY=VALUE...", help="One or more tags."),
+) -> None:
     """Set tags on one version."""
     tags = parse_pairs(pairs, "KEY=VALUE")
     with open_bank() as bank:
@@ -59,8 +65,10 @@ def tag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
 
 
 @command()
-def untag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
-          keys: list[str] = typer.Argument(..., metavar="KEY...", help="Tag keys to remove.")) -> None:
+def untag(
+    ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+    keys: list[str] = typer.Argument(..., metavar="KEY...", help="Tag keys to remove."),
+) -> None:
     """Remove tags from one version."""
     with open_bank() as bank:
         rec = bank.record(ref)
@@ -71,10 +79,14 @@ def untag(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
 
 # ------------------------------------------------------------ in / out
 @command(name="export")
-def export_(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
-            path: Path = typer.Argument(..., help="Output file (or directory), or the PEFT folder."),
-            peft: bool = typer.Option(False, "--peft", help="Write a Hugging Face PEFT LoRA folder."),
-            force: bool = typer.Option(False, "--force", help="Overwrite an existing file or non-empty folder.")) -> None:
+def export_(
+    ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
+    path: Path = typer.Argument(..., help="Output file (or directory), or the PEFT folder."),
+    peft: bool = typer.Option(False, "--peft", help="Write a Hugging Face PEFT LoRA folder."),
+    force: bool = typer.Option(
+        False, "--force", help="Overwrite an existing file or non-empty folder."
+    ),
+) -> None:
     """Write a stored skill to a .safetensors file or a PEFT folder."""
     with open_bank() as bank:
         rec = bank.record(ref)
@@ -98,15 +110,22 @@ def export_(ref: str = typer.Argument(..., help="NAME[@VERSION|@ALIAS]."),
 
 
 @command(name="import")
-def import_(path: Path = typer.Argument(..., help="A skill .safetensors file or a PEFT LoRA folder."),
-            name: str | None = typer.Option(None, "--name", help="Skill name (default: the file's)."),
-            description: str = typer.Option("", "--description", "-d"),
-            tags: list[str] | None = typer.Option(None, "--tag", "-t", metavar="KEY=VALUE", help="Repeatable."),
-            learner: str | None = typer.Option(None, "--learner"),
-            embedding: Path | None = typer.Option(None, "--embedding", help="A .npy example embedding."),
-            embed_text: bool | None = typer.Option(None, "--embed-text/--no-embed-text",
-                                                   help="Embed the description (default: when a text model is installed)."),
-            allow_base_change: bool = typer.Option(False, "--allow-base-change")) -> None:
+def import_(
+    path: Path = typer.Argument(..., help="A skill .safetensors file or a PEFT LoRA folder."),
+    name: str | None = typer.Option(None, "--name", help="Skill name (default: the file's)."),
+    description: str = typer.Option("", "--description", "-d"),
+    tags: list[str] | None = typer.Option(
+        None, "--tag", "-t", metavar="KEY=VALUE", help="Repeatable."
+    ),
+    learner: str | None = typer.Option(None, "--learner"),
+    embedding: Path | None = typer.Option(None, "--embedding", help="A .npy example embedding."),
+    embed_text: bool | None = typer.Option(
+        None,
+        "--embed-text/--no-embed-text",
+        help="Embed the description (default: when a text model is installed).",
+    ),
+    allow_base_change: bool = typer.Option(False, "--allow-base-change"),
+) -> None:
     """Add a skill file or a PEFT folder to the bank as the next version of NAME."""
     import numpy as np
 
@@ -121,17 +140,27 @@ def import_(path: Path = typer.Argument(..., help="A skill .safetensors file or 
         raise fail(f"no such file or folder: {path}")
     vec = np.load(embedding, allow_pickle=False) if embedding is not None else None
     with open_bank(create=True) as bank:
-        ref = bank.add(name or skill.name, skill, embedding=vec, description=description, tags=tag_map,
-                       learner=learner, embed_text=embed_text, allow_base_change=allow_base_change)
+        ref = bank.add(
+            name or skill.name,
+            skill,
+            embedding=vec,
+            description=description,
+            tags=tag_map,
+            learner=learner,
+            embed_text=embed_text,
+            allow_base_change=allow_base_change,
+        )
     note(f"imported {path} as {ref}")
     out().print(Text(str(ref)))
 
 
 # --------------------------------------------------------- maintenance
 @command()
-def rm(ref: str = typer.Argument(..., help="NAME (every version), NAME@VERSION or NAME@ALIAS."),
-       dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed."),
-       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:
+def rm(
+    ref: str = typer.Argument(..., help="NAME (every version), NAME@VERSION or NAME@ALIAS."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only show what would be removed."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
     """Remove versions from the catalog; their blobs stay until `skillbank gc`."""
     from storage.names import parse_ref
 
@@ -148,10 +177,16 @@ def rm(ref: str = typer.Argument(..., help="NAME (every version), NAME@VERSION o
 
 
 @command()
-def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only list unreferenced blobs."),
-       yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
-       min_age: float = typer.Option(60.0, "--min-age", min=0,
-                                     help="Spare blobs younger than this many seconds (a writer may be mid-add).")) -> None:
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only list unreferenced blobs."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+    min_age: float = typer.Option(
+        60.0,
+        "--min-age",
+        min=0,
+        help="Spare blobs younger than this many seconds (a writer may be mid-add).",
+    ),
+) -> None:
     """Delete blobs no version references."""
     with open_bank() as bank:
         garbage = bank.gc(dry_run=True, min_age=min_age)
@@ -159,8 +194,10 @@ def gc(dry_run: bool = typer.Option(False, "--dry-run", help="Only list unrefere
         for d in garbage:
             out().print(Text(d))
         if dry_run or not garbage:
-            note(f"{'would delete' if garbage else 'nothing to delete:'} {len(garbage)} blob(s), "
-                 f"{render.human_size(size)}")
+            note(
+                f"{'would delete' if garbage else 'nothing to delete:'} {len(garbage)} blob(s), "
+                f"{render.human_size(size)}"
+            )
             return
         confirm(f"delete {len(garbage)} unreferenced blob(s) ({render.human_size(size)})?", yes)
         removed = bank.gc(dry_run=False, min_age=min_age)
@@ -172,7 +209,13 @@ def verify(as_json: bool = JSON) -> None:
     """Re-hash every blob and check the index; exit 1 when anything is missing or corrupt."""
     with open_bank() as bank:
         report = bank.verify()
-    fields = ("missing_blobs", "corrupt_blobs", "orphan_blobs", "index_without_rows", "rows_without_index")
+    fields = (
+        "missing_blobs",
+        "corrupt_blobs",
+        "orphan_blobs",
+        "index_without_rows",
+        "rows_without_index",
+    )
     if as_json:
         emit_json({"ok": report.ok, **{f: list(getattr(report, f)) for f in fields}})
     else:
@@ -183,8 +226,14 @@ def verify(as_json: bool = JSON) -> None:
         for f in fields:
             items = getattr(report, f)
             style = "green" if not items else ("yellow" if f == "orphan_blobs" else "red")
-            table.add_row(Text(f.replace("_", " ")), Text(str(len(items)), style=style),
-                          Text("\n".join(items[:20]) + (f"\n... {len(items) - 20} more" if len(items) > 20 else "")))
+            table.add_row(
+                Text(f.replace("_", " ")),
+                Text(str(len(items)), style=style),
+                Text(
+                    "\n".join(items[:20])
+                    + (f"\n... {len(items) - 20} more" if len(items) > 20 else "")
+                ),
+            )
         out().print(table)
         note("ok" if report.ok else "the bank is damaged: see above")
     if not report.ok:
@@ -205,7 +254,11 @@ def db_upgrade() -> None:
         after = migrate(engine)
     finally:
         engine.dispose()
-    note(f"schema {before or 'empty'} -> {after}" if before != after else f"schema already at {after} (head)")
+    note(
+        f"schema {before or 'empty'} -> {after}"
+        if before != after
+        else f"schema already at {after} (head)"
+    )
     out().print(Text(after))
     if after != head_revision():  # pragma: no cover - migrate raises instead
         raise fail(f"schema {after} is not head {head_revision()}")
@@ -230,8 +283,9 @@ def db_current() -> None:
 
 
 # ---------------------------------------------------------------- index
-index_app = typer.Typer(help="The retrieval index: offline builds and what the cache holds.",
-                        no_args_is_help=True)
+index_app = typer.Typer(
+    help="The retrieval index: offline builds and what the cache holds.", no_args_is_help=True
+)
 app.add_typer(index_app, name="index")
 
 
@@ -247,16 +301,34 @@ def _spaces(bank, space: list[str] | None) -> list[str]:
 
 @command(index_app, name="build")
 def index_build(
-    space: list[str] | None = typer.Option(None, "--space", "-s", help="Embedding space (repeatable; default: all)."),
-    kind: str | None = typer.Option(None, "--kind", help="auto | flat | hnsw | ivfpq (default: keep a pinned "
-                                    "kind, else auto). An explicit kind is pinned until the next build."),
-    nlist: int | None = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists (default 4*sqrt(n), a power of two)."),
-    m: int | None = typer.Option(None, "--m", min=1, help="IVF-PQ bytes per code (default d/4, at most 64)."),
-    nprobe: int | None = typer.Option(None, "--nprobe", min=1, help="IVF-PQ lists scanned per query (default 32)."),
-    rerank: int | None = typer.Option(None, "--rerank", min=0, help="Exact re-ranking of rerank x fetch PQ candidates."),
-    train_per_list: int | None = typer.Option(None, "--train-per-list", min=39, help="Training vectors per list."),
+    space: list[str] | None = typer.Option(
+        None, "--space", "-s", help="Embedding space (repeatable; default: all)."
+    ),
+    kind: str | None = typer.Option(
+        None,
+        "--kind",
+        help="auto | flat | hnsw | ivfpq (default: keep a pinned "
+        "kind, else auto). An explicit kind is pinned until the next build.",
+    ),
+    nlist: int | None = typer.Option(
+        None, "--nlist", min=1, help="IVF-PQ lists (default 4*sqrt(n), a power of two)."
+    ),
+    m: int | None = typer.Option(
+        None, "--m", min=1, help="IVF-PQ bytes per code (default d/4, at most 64)."
+    ),
+    nprobe: int | None = typer.Option(
+        None, "--nprobe", min=1, help="IVF-PQ lists scanned per query (default 32)."
+    ),
+    rerank: int | None = typer.Option(
+        None, "--rerank", min=0, help="Exact re-ranking of rerank x fetch PQ candidates."
+    ),
+    train_per_list: int | None = typer.Option(
+        None, "--train-per-list", min=39, help="Training vectors per list."
+    ),
     hnsw_m: int | None = typer.Option(None, "--hnsw-m", min=2, help="HNSW links per node."),
-    threads: int | None = typer.Option(None, "--threads", min=1, help="FAISS threads for the build."),
+    threads: int | None = typer.Option(
+        None, "--threads", min=1, help="FAISS threads for the build."
+    ),
     as_json: bool = JSON,
 ) -> None:
     """Rebuild the index of each space from the catalog now (offline), and save it."""
@@ -268,17 +340,36 @@ def index_build(
     from storage.index import KINDS, IndexParams, describe, rebuild_params
 
     if kind not in (None, "auto", *KINDS):
-        raise typer.BadParameter(f"{kind!r}: expected auto, {', '.join(KINDS)}", param_hint="--kind")
-    given = {k: v for k, v in dict(nlist=nlist, pq_m=m, nprobe=nprobe, rerank=rerank,
-                                    train_per_list=train_per_list, hnsw_m=hnsw_m).items() if v is not None}
+        raise typer.BadParameter(
+            f"{kind!r}: expected auto, {', '.join(KINDS)}", param_hint="--kind"
+        )
+    given = {
+        k: v
+        for k, v in dict(
+            nlist=nlist,
+            pq_m=m,
+            nprobe=nprobe,
+            rerank=rerank,
+            train_per_list=train_per_list,
+            hnsw_m=hnsw_m,
+        ).items()
+        if v is not None
+    }
     if threads:
         faiss.omp_set_num_threads(threads)
     rows = []
     with open_bank() as bank:
         lib = bank.library
         for sp in _spaces(bank, space):
-            base = IndexParams() if kind == "auto" else (
-                IndexParams(kind=kind) if kind else rebuild_params(lib.index_dir, sp, lib.params))
+            base = (
+                IndexParams()
+                if kind == "auto"
+                else (
+                    IndexParams(kind=kind)
+                    if kind
+                    else rebuild_params(lib.index_dir, sp, lib.params)
+                )
+            )
             try:
                 params = dataclasses.replace(base, **given)
             except ValueError as e:
@@ -287,8 +378,16 @@ def index_build(
             idx = lib.rebuild_index(sp, params)
             seconds = time.perf_counter() - t
             info = describe(lib.index_dir, sp) or {}
-            rows.append({"space": sp, "kind": idx.kind, "vectors": idx.ntotal, "pinned": idx.pinned,
-                         "bytes": info.get("bytes"), "seconds": round(seconds, 3)})
+            rows.append(
+                {
+                    "space": sp,
+                    "kind": idx.kind,
+                    "vectors": idx.ntotal,
+                    "pinned": idx.pinned,
+                    "bytes": info.get("bytes"),
+                    "seconds": round(seconds, 3),
+                }
+            )
             note(f"{sp}: {idx.kind} over {idx.ntotal:,} vectors in {seconds:.1f}s")
     if as_json:
         emit_json(rows)
@@ -297,8 +396,14 @@ def index_build(
     for col in ("space", "kind", "vectors", "pinned", "bytes", "seconds"):
         table.add_column(col, justify="right" if col in ("vectors", "bytes", "seconds") else "left")
     for r in rows:
-        table.add_row(r["space"], r["kind"], f"{r['vectors']:,}", "yes" if r["pinned"] else "no",
-                      render.human_size(r["bytes"] or 0), f"{r['seconds']:.1f}")
+        table.add_row(
+            r["space"],
+            r["kind"],
+            f"{r['vectors']:,}",
+            "yes" if r["pinned"] else "no",
+            render.human_size(r["bytes"] or 0),
+            f"{r['seconds']:.1f}",
+        )
     out().print(table)
 
 
@@ -317,8 +422,16 @@ def index_info(as_json: bool = JSON) -> None:
                 rows.append({"space": sp, "kind": None, "state": "none (built on the next search)"})
                 continue
             fresh = info.get("uid") == uid and info.get("generation") == generation
-            rows.append({"space": sp, **info, "catalog_generation": generation,
-                         "state": "fresh" if fresh else "behind (caught up or rebuilt on the next search)"})
+            rows.append(
+                {
+                    "space": sp,
+                    **info,
+                    "catalog_generation": generation,
+                    "state": "fresh"
+                    if fresh
+                    else "behind (caught up or rebuilt on the next search)",
+                }
+            )
     if as_json:
         emit_json(rows)
         return
@@ -329,12 +442,20 @@ def index_info(as_json: bool = JSON) -> None:
     for r in rows:
         settings = ""
         if r.get("kind") == "ivfpq":
-            settings = (f"nlist={r['nlist']} m={r['pq_m']} nprobe={r['nprobe']} rerank={r['rerank']} "
-                        f"delta={r['delta']:,}")
+            settings = (
+                f"nlist={r['nlist']} m={r['pq_m']} nprobe={r['nprobe']} rerank={r['rerank']} "
+                f"delta={r['delta']:,}"
+            )
         if r.get("tombstones"):
             settings += f" tombstones={r['tombstones']:,}"
-        table.add_row(r["space"], r.get("kind") or "-", f"{r['ntotal']:,}" if r.get("kind") else "-",
-                      render.human_size(r["bytes"]) if r.get("kind") else "-",
-                      ("yes" if r.get("pinned") else "no") if r.get("kind") else "-",
-                      str(r.get("generation", "-")), r["state"], settings.strip())
+        table.add_row(
+            r["space"],
+            r.get("kind") or "-",
+            f"{r['ntotal']:,}" if r.get("kind") else "-",
+            render.human_size(r["bytes"]) if r.get("kind") else "-",
+            ("yes" if r.get("pinned") else "no") if r.get("kind") else "-",
+            str(r.get("generation", "-")),
+            r["state"],
+            settings.strip(),
+        )
     out().print(table)

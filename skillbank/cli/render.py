@@ -17,8 +17,20 @@ from rich.text import Text
 from rich.tree import Tree
 
 COLUMNS = ("name", "version", "aliases", "ranks", "params", "base", "learner", "created", "size")
-CSV_COLUMNS = ("ref", "name", "version", "aliases", "ranks", "params", "base_id", "learner", "created",
-               "size", "tags", "description")
+CSV_COLUMNS = (
+    "ref",
+    "name",
+    "version",
+    "aliases",
+    "ranks",
+    "params",
+    "base_id",
+    "learner",
+    "created",
+    "size",
+    "tags",
+    "description",
+)
 
 
 def human_size(n: int | None) -> str:
@@ -72,11 +84,23 @@ def when(dt: Any) -> str:
 def record_dict(r: Any, full: bool = False) -> dict[str, Any]:
     """One version as a JSON-ready dict; ``full`` adds the base fingerprint."""
     d = {
-        "ref": str(r.ref), "name": r.name, "version": r.version, "aliases": list(r.aliases),
-        "tags": dict(r.tags), "description": r.description, "learner": r.learner, "base_id": r.base_id,
-        "ranks": dict(r.ranks), "targets": list(r.targets), "params": lora_params(r), "size": r.size,
-        "digest": r.digest, "created": r.created.isoformat() if r.created else None,
-        "metrics": dict(r.metrics), "config": dict(r.config), "parents": [str(p) for p in r.parents],
+        "ref": str(r.ref),
+        "name": r.name,
+        "version": r.version,
+        "aliases": list(r.aliases),
+        "tags": dict(r.tags),
+        "description": r.description,
+        "learner": r.learner,
+        "base_id": r.base_id,
+        "ranks": dict(r.ranks),
+        "targets": list(r.targets),
+        "params": lora_params(r),
+        "size": r.size,
+        "digest": r.digest,
+        "created": r.created.isoformat() if r.created else None,
+        "metrics": dict(r.metrics),
+        "config": dict(r.config),
+        "parents": [str(p) for p in r.parents],
         "spaces": list(r.spaces),
     }
     if full:
@@ -86,16 +110,27 @@ def record_dict(r: Any, full: bool = False) -> dict[str, Any]:
 
 def _cells(r: Any) -> list[str]:
     params = lora_params(r)
-    return [r.name, str(r.version), ", ".join(r.aliases) or "-", rank_summary(r.ranks),
-            f"{params:,}" if params is not None else "-", r.base_id[:12] or "-", r.learner or "-",
-            when(r.created), human_size(r.size)]
+    return [
+        r.name,
+        str(r.version),
+        ", ".join(r.aliases) or "-",
+        rank_summary(r.ranks),
+        f"{params:,}" if params is not None else "-",
+        r.base_id[:12] or "-",
+        r.learner or "-",
+        when(r.created),
+        human_size(r.size),
+    ]
 
 
 def records_table(records: Sequence[Any], title: str | None = None, parents: bool = False) -> Table:
     table = Table(title=title, title_justify="left")
     for c in COLUMNS:
-        table.add_column(c, justify="right" if c in ("version", "params", "size") else "left",
-                         no_wrap=c in ("name", "created", "size"))
+        table.add_column(
+            c,
+            justify="right" if c in ("version", "params", "size") else "left",
+            no_wrap=c in ("name", "created", "size"),
+        )
     if parents:
         table.add_column("parents")
     for r in records:
@@ -109,15 +144,29 @@ def records_csv(records: Iterable[Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_COLUMNS)
     for r in records:
-        w.writerow([str(r.ref), r.name, r.version, ";".join(r.aliases), rank_summary(r.ranks),
-                    lora_params(r) if lora_params(r) is not None else "", r.base_id, r.learner,
-                    r.created.isoformat() if r.created else "", r.size,
-                    ";".join(f"{k}={v}" for k, v in sorted(r.tags.items())), r.description])
+        w.writerow(
+            [
+                str(r.ref),
+                r.name,
+                r.version,
+                ";".join(r.aliases),
+                rank_summary(r.ranks),
+                lora_params(r) if lora_params(r) is not None else "",
+                r.base_id,
+                r.learner,
+                r.created.isoformat() if r.created else "",
+                r.size,
+                ";".join(f"{k}={v}" for k, v in sorted(r.tags.items())),
+                r.description,
+            ]
+        )
     return buf.getvalue()
 
 
 def kv_table(rows: Iterable[tuple[str, Any]], title: str | None = None) -> Table:
-    table = Table(title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0))
+    table = Table(
+        title=title, title_justify="left", show_header=False, box=None, padding=(0, 2, 0, 0)
+    )
     table.add_column(style="bold")
     table.add_column()
     for k, v in rows:
@@ -138,7 +187,9 @@ def fmt(v: Any) -> str:
 
 
 # --------------------------------------------------------------- lineage
-def lineage_dict(ref: str, record_of: Callable[[str], Any], seen: set[str] | None = None) -> dict[str, Any]:
+def lineage_dict(
+    ref: str, record_of: Callable[[str], Any], seen: set[str] | None = None
+) -> dict[str, Any]:
     """``{"ref", "parents": [...]}`` down to the roots; a removed parent is marked, a
     version reached twice (diamond) is expanded only once."""
     seen = set() if seen is None else seen
@@ -152,8 +203,12 @@ def lineage_dict(ref: str, record_of: Callable[[str], Any], seen: set[str] | Non
     if key in seen:
         return {"ref": key, "repeated": True, "parents": []}
     seen.add(key)
-    return {"ref": key, "description": rec.description, "learner": rec.learner,
-            "parents": [lineage_dict(str(p), record_of, seen) for p in rec.parents]}
+    return {
+        "ref": key,
+        "description": rec.description,
+        "learner": rec.learner,
+        "parents": [lineage_dict(str(p), record_of, seen) for p in rec.parents],
+    }
 
 
 def lineage_tree(node: dict[str, Any], tree: Tree | None = None) -> Tree:
@@ -163,7 +218,9 @@ def lineage_tree(node: dict[str, Any], tree: Tree | None = None) -> Tree:
     elif node.get("repeated"):
         label.append(" (see above)", style="dim")
     elif node.get("learner") or node.get("description"):
-        label.append(f"  {node.get('learner') or ''} {node.get('description') or ''}".rstrip(), style="dim")
+        label.append(
+            f"  {node.get('learner') or ''} {node.get('description') or ''}".rstrip(), style="dim"
+        )
     branch = Tree(label) if tree is None else tree.add(label)
     for p in node["parents"]:
         lineage_tree(p, branch)
