@@ -68,7 +68,7 @@ class BenchConfig:
     resume: bool = False
     shots: list[int] = field(default_factory=lambda: [5, 20])  # transfer: labelled images per class
     # Processes to train and score with (continual protocol); > 1 is started by
-    # `skillbank bench --nproc N` or `torchrun --nproc-per-node N -m skillbank.cli bench`.
+    # `skillbank bench --nproc N` or `torchrun --nproc-per-node N -m cli bench`.
     nproc: int = 1
 
     def __post_init__(self) -> None:
@@ -144,7 +144,7 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
         if cfg.nproc > 1 and not distributed.is_distributed():
             raise sb.ConfigError(
                 f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
-                f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m skillbank.cli bench`"
+                f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m cli bench`"
             )
         return _execute(cfg, console or Console(stderr=True), bank)
     finally:

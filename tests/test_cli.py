@@ -17,7 +17,7 @@ import torch.nn as nn
 from typer.testing import CliRunner
 
 import skillbank as sb
-from skillbank.cli import app
+from cli import app
 
 VOCAB = ["digits", "rotated", "handwritten", "foggy", "photos", "objects", "mixture"]
 
@@ -389,7 +389,7 @@ def test_rm_needs_yes_or_an_interactive_yes(bank_dir, monkeypatch):
     assert refused.exit_code == 1 and "--yes" in refused.stderr
     assert "would remove 2 version(s)" in ok_err(run(bank_dir, "rm", "mnist-rot", "--dry-run"))
     assert len(refs(run(bank_dir, "ls", "-q", "-a"))) == 4
-    monkeypatch.setattr("skillbank.cli.core.interactive", lambda: True)
+    monkeypatch.setattr("cli.core.interactive", lambda: True)
     assert run(bank_dir, "rm", "mnist-rot@1", input="n\n").exit_code == 1
     assert "mnist-rot@1" in refs(run(bank_dir, "ls", "-q", "-a"))
     ok(run(bank_dir, "rm", "mnist-rot@1", input="y\n"))
@@ -464,7 +464,7 @@ def test_errors_are_one_line_and_exit_codes(bank_dir, tmp_path):
 
 def subprocess_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "skillbank.cli", *args],
+        [sys.executable, "-m", "cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "COLUMNS": "200", **env},

@@ -225,7 +225,7 @@ def test_cli_bench_nproc_2_equals_one_process(tmp_path):
         cmd = [
             sys.executable,
             "-m",
-            "skillbank.cli",
+            "cli",
             "--bank",
             str(tmp_path / f"bank{n}"),
             "bench",

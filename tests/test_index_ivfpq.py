@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from skillbank.cli import app
+from cli import app
 from storage import Library, ivf
 from storage.index import FLAT, HNSW, IVFPQ, IndexParams, VectorIndex, normalize, pack_ids
 

@@ -133,7 +133,7 @@ def _launch(ctx: typer.Context, nproc: int) -> None:
         "--nproc-per-node",
         str(nproc),
         "-m",
-        "skillbank.cli",
+        "cli",
         *_flags(ctx.parent),
         "bench",
         *_flags(ctx, skip=("nproc",)),

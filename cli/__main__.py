@@ -1,4 +1,4 @@
-"""``python -m skillbank.cli``."""
+"""``python -m cli``."""
 
 from .app import app
 
