@@ -25,6 +25,8 @@ from .errors import *  # noqa: F403  (the error family is part of the public sur
 from .errors import __all__ as _errors
 from .fingerprint import Fingerprint, fingerprint
 from .route import Routed, Router, route
+from .route_stats import MissingStats, RouteStats, compute_stats
+from .routers import ROUTERS
 from .skill import Skill, attach
 
 __version__ = "0.1.0"
@@ -34,6 +36,10 @@ __all__ = [
     "Routed",
     "Router",
     "route",
+    "ROUTERS",
+    "MissingStats",
+    "RouteStats",
+    "compute_stats",
     "disabled",
     "AdapterLayer",
     "Hit",

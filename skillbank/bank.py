@@ -21,6 +21,7 @@ from storage import Library as _Library
 from .compose import compose as _compose
 from .embed import EXAMPLES, TEXT, TextEmbedder, features
 from .errors import ConfigError
+from .route_stats import MissingStats, RouteStats, stats_vectors
 from .skill import Skill
 
 
@@ -79,6 +80,7 @@ class SkillBank:
         learner: str | None = None,
         embed_text: bool | None = None,
         allow_base_change: bool = False,
+        stats: RouteStats | None = None,
     ) -> Ref:
         """Store ``skill`` as the next version of ``name``.
 
@@ -86,7 +88,9 @@ class SkillBank:
         space -> vectors; the skill's own embeddings are added too. A description
         is embedded into the ``text`` space when a text embedder is available
         (``embed_text=True`` makes that required). Refuses a base that differs
-        from earlier versions of ``name`` unless ``allow_base_change``.
+        from earlier versions of ``name`` unless ``allow_base_change``. ``stats``
+        (``sb.compute_stats``) are the routing statistics kept with the version; its
+        class prototypes go into the ``prototypes`` space.
         """
         if not isinstance(skill, Skill):
             raise ConfigError(f"bank.add needs a Skill, got {type(skill).__name__}")
@@ -99,6 +103,8 @@ class SkillBank:
                 if isinstance(embedding, Mapping)
                 else {EXAMPLES: np.asarray(embedding)}
             )
+        if stats is not None:
+            spaces.update(stats_vectors(stats.check(f"statistics of {name}")))
         if description and embed_text is not False and TEXT not in spaces:
             try:
                 spaces[TEXT] = self.text_embedder(description)
@@ -127,7 +133,37 @@ class SkillBank:
             parents=parents,
             embeddings=spaces,
             allow_base_change=allow_base_change,
+            stats=None if stats is None else stats.to_arrays(),
         )
+
+    def put_stats(self, ref: str, stats: RouteStats) -> Ref:
+        """Routing statistics for a stored version that has none (one written by 0.1.0),
+        computed from its task's data with ``sb.compute_stats`` on the bare base."""
+        if not isinstance(stats, RouteStats):
+            raise ConfigError(f"put_stats needs RouteStats, got {type(stats).__name__}")
+        stats.check(f"statistics of {ref}")
+        return self.library.put_stats(ref, stats.to_arrays(), stats_vectors(stats))
+
+    def route_stats(
+        self, refs: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None
+    ) -> dict[str, RouteStats]:
+        """Routing statistics of ``refs`` (or of every version ``where`` allows), by ref.
+
+        Raises ``MissingStats`` naming the versions that have none, with the fix."""
+        found = self.library.stats(list(refs) if refs is not None else None, where)
+        lacking = sorted(str(r) for r, arrays in found.items() if arrays is None)
+        if lacking:
+            shown = ", ".join(lacking[:5]) + (
+                f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
+            )
+            raise MissingStats(
+                f"{shown} {'has' if len(lacking) == 1 else 'have'} no routing statistics "
+                "(added before skillbank 0.2 or without stats=); compute them from the task's "
+                "data on the bare base and store them: bank.put_stats(REF, "
+                "sb.compute_stats(model, x, y)), or re-add the skill with stats=; "
+                "the 'examples' router needs none"
+            )
+        return {str(r): RouteStats.from_arrays(a, f"statistics of {r}") for r, a in found.items()}
 
     def alias(self, ref: str, alias: str) -> Ref:
         return self.library.alias(ref, alias)

@@ -6,6 +6,10 @@ returns the nearest skill per row; one ``mixed_batch`` forward then runs every
 row with its own adapter, and each row's logits come from its skill's head.
 With ``k > 1`` each row runs the score-weighted sum of its k nearest skills in
 parameter space (``composed``), heads mixed with the same weights.
+
+Which skill is nearest is the job of a router chosen by name (``router=``, see
+``skillbank.routers``); ``rerank=m`` then runs each row's m best candidates and
+keeps the one the adapted model is most confident on (m adapted forwards).
 """
 
 from __future__ import annotations
@@ -17,13 +21,14 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .adapters.inject import adapter_names, disabled
 from .adapters.mixed import composed, mixed_batch
 from .bank import SkillBank
-from .embed import EXAMPLES, features
+from .embed import features
 from .errors import ConfigError
+from .route_stats import route_features
+from .routers import make_router
 from .skill import Skill, attach
 
 
@@ -51,6 +56,9 @@ class Router:
     and kept. ``head`` names the module whose input is the pre-logit feature
     (timm models need no name). With ``mask_classes`` each row's prediction is
     limited to its skill's ``metadata["classes"]`` (class-incremental routing).
+    ``router`` names how rows find skills (``examples``, ``prototype``,
+    ``mahalanobis``, ``stats``; ``router_options`` go to it); ``rerank=m > 1``
+    re-ranks each row's m best candidates by the adapted model's confidence.
     """
 
     def __init__(
@@ -58,13 +66,20 @@ class Router:
         model: nn.Module,
         bank: SkillBank,
         *,
-        space: str = EXAMPLES,
+        space: str | None = None,
         where: Mapping[str, Any] | None = None,
         head: str = "head",
         mask_classes: bool = True,
+        router: str = "examples",
+        rerank: int = 0,
+        router_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.model, self.bank, self.space, self.where = model, bank, space, where
         self.head, self.mask_classes = head, mask_classes
+        if rerank < 0:
+            raise ConfigError(f"rerank must be >= 0, got {rerank}")
+        self.rerank = rerank
+        self.router = make_router(router, bank, where, space=space, **dict(router_options or {}))
         self._skills: dict[str, tuple[str, Skill]] = {}
 
     def register(self, ref: str, adapter: str, skill: Skill) -> None:
@@ -89,19 +104,41 @@ class Router:
     def __call__(self, x: torch.Tensor, k: int = 1) -> Routed:
         if k < 1:
             raise ConfigError(f"k must be positive, got {k}")
-        with self.disabled():
-            query = F.normalize(features(self.model, x, head=self.head), dim=1)
-        hits = self.bank.retrieve(query.numpy(), k=k, space=self.space, where=self.where)
+        refs, scores = self.rank(x, max(k, self.rerank))
+        if any(not row for row in refs):
+            raise ConfigError("no skill to route to (is the bank, or its where= filter, empty?)")
+        if self.rerank > 1 and k == 1:
+            return self._reranked(x, refs)
         if k == 1:
-            refs = [str(h[0].ref) for h in hits]
-            return Routed(self.forward(x, refs), refs, [h[0].score for h in hits])
-        refs = [[str(h.ref) for h in row] for row in hits]
-        scores = [[h.score for h in row] for row in hits]
+            refs, scores = [row[0] for row in refs], [row[0] for row in scores]
+            return Routed(self.forward(x, refs), refs, scores)
+        refs, scores = [row[:k] for row in refs], [row[:k] for row in scores]
         # cosine scores -> weights that sum to one per row (rows with fewer hits pad with zero)
         w = torch.zeros(len(x), k)
         for i, row in enumerate(scores):
             w[i, : len(row)] = torch.softmax(torch.tensor(row) / 0.05, 0)
         return Routed(self.mix(x, refs, w), refs, scores)
+
+    @torch.no_grad()
+    def rank(self, x: torch.Tensor, k: int) -> tuple[list[list[str]], list[list[float]]]:
+        """Each row's ``k`` best skills and scores from the router (one bare forward)."""
+        with self.disabled():
+            pooled, desc = route_features(
+                self.model, x, layers=self.router.layers(self.model), head=self.head
+            )
+        return self.router.rank(pooled, desc, k)
+
+    def _reranked(self, x: torch.Tensor, refs: list[list[str]]) -> Routed:
+        """Each row's candidates all run (one mixed batch); the most confident one wins."""
+        m = max(len(row) for row in refs)
+        cand = [[row[min(j, len(row) - 1)] for row in refs] for j in range(m)]
+        logits = self.forward(x.repeat(m, *([1] * (x.ndim - 1))), [r for c in cand for r in c])
+        logits = logits.view(m, len(x), -1)
+        conf = torch.softmax(logits.float(), -1).amax(-1)  # (m, N): each candidate's confidence
+        best = conf.argmax(0)
+        rows = torch.arange(len(x))
+        chosen = [cand[int(j)][i] for i, j in enumerate(best)]
+        return Routed(logits[best, rows], chosen, conf[best, rows].tolist())
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, refs: list[str]) -> torch.Tensor:
@@ -157,5 +194,5 @@ class Router:
 
 def route(model: nn.Module, bank: SkillBank, x: torch.Tensor, k: int = 1, **kwargs: Any) -> Routed:
     """Route every row of ``x`` to its nearest skill (or the weighted mix of its ``k``
-    nearest) and run the whole batch in one forward."""
+    nearest) and run the whole batch in one forward; ``router=`` picks how (see ``Router``)."""
     return Router(model, bank, **kwargs)(x, k=k)

@@ -35,6 +35,7 @@ from .models import (
 from .names import base_id as fingerprint_id
 from .names import check_alias, check_name, check_tag, parse_ref
 from .session import make_engine, migrate, session_scope
+from .stats import insert_stats, read_stats
 
 ADD_RETRIES = 50
 
@@ -107,6 +108,7 @@ class Catalog:
         allow_base_change: bool = False,
         before_commit: Callable[[], object] | None = None,
         on_checked: Callable[[], object] | None = None,
+        stats: Mapping[str, np.ndarray] | None = None,
     ) -> tuple[Ref, int]:
         """Insert the next version of ``name``; returns its ref and row id.
 
@@ -116,6 +118,7 @@ class Catalog:
         1..n without gaps or duplicates. ``before_commit`` runs last inside the
         transaction (the library waits there for its blob to be durable);
         ``on_checked`` once the version passed its checks (see ``writes``).
+        ``stats`` (routing statistics, plain arrays) go in the same transaction.
         """
         name = check_name(name)
         tag_items = [check_tag(k, v) for k, v in (new.tags or {}).items()]
@@ -153,6 +156,8 @@ class Catalog:
                         allow_base_change,
                         on_checked,
                     )
+                    if stats:
+                        insert_stats(s, out[1], stats, replace=False)
                     s.flush()
                     if before_commit is not None:
                         before_commit()
@@ -390,6 +395,52 @@ class Catalog:
             ]
             added = {vid for op, vid in log if op == "add"}
             return gen, log, self.vectors(space, added, s)
+
+    # --- routing statistics -------------------------------------------------
+
+    def put_stats(
+        self,
+        ref: str | Ref,
+        stats: Mapping[str, np.ndarray],
+        embeddings: Mapping[str, np.ndarray] | None = None,
+    ) -> Ref:
+        """Give a version that has none its routing statistics (e.g. one written by 0.1.0),
+        with vectors in new spaces (normalised (n, d) float32), in one transaction.
+
+        A version's statistics never change once set: refused when it has some, or
+        already has vectors in one of ``embeddings``' spaces."""
+        embeddings = dict(embeddings or {})
+        with session_scope(self.engine, write=True) as s:
+            row = self._resolve(s, ref)
+            out = Ref(row.skill.name, row.version)
+            clash = sorted(set(embeddings) & set(row.spaces))
+            if read_stats(s, [row.id]) or clash:
+                raise SkillExists(
+                    f"{out} already has routing statistics{f' or vectors in {clash}' if clash else ''}"
+                    "; versions are immutable: add a new version to change them"
+                )
+            writes.insert_embeddings(s, row.id, embeddings)
+            row.spaces = sorted({*row.spaces, *embeddings})
+            insert_stats(s, row.id, stats, replace=False)
+            return out
+
+    def stats(self, refs: Iterable[str | Ref]) -> dict[Ref, dict[str, np.ndarray] | None]:
+        """Routing statistics of versions (None for a version without any)."""
+        with session_scope(self.engine) as s:
+            ids = {}
+            for r in refs:
+                row = self._resolve(s, r)
+                ids[row.id] = Ref(row.skill.name, row.version)
+            found = read_stats(s, ids)
+            return {ref: found.get(v) for v, ref in ids.items()}
+
+    def stats_of_ids(self, version_ids: Iterable[int]) -> dict[Ref, dict[str, np.ndarray] | None]:
+        """Routing statistics by row id (e.g. every version a ``where`` filter allows)."""
+        ids = list(version_ids)
+        names = self.refs(ids)
+        with session_scope(self.engine) as s:
+            found = read_stats(s, ids)
+        return {ref: found.get(v) for v, ref in names.items()}
 
 
 __all__ = ["Catalog"]

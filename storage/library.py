@@ -98,12 +98,14 @@ class Library:
         *,
         embeddings: Mapping[str, Any] | None = None,
         allow_base_change: bool = False,
+        stats: Mapping[str, np.ndarray] | None = None,
         **fields: Any,
     ) -> Ref:
         """Store the blob durably, then commit the next version of ``name``.
 
         ``fields`` are those of ``NewVersion`` (ranks, targets, base, learner,
-        config, metrics, description, tags, parents)."""
+        config, metrics, description, tags, parents); ``stats`` are routing
+        statistics stored with the version (see ``storage.stats``)."""
         new = NewVersion(**fields)
         check_name(name)
         vecs = {}
@@ -134,6 +136,7 @@ class Library:
                 allow_base_change=allow_base_change,
                 before_commit=blob_durable,
                 on_checked=start_blob,
+                stats=stats,
             )
         finally:
             wait(pending)  # never leave a write running behind an error
@@ -144,6 +147,28 @@ class Library:
         if space not in self._space_dims:
             self._space_dims = self.catalog.space_dims()
         return self._space_dims.get(space)
+
+    def put_stats(
+        self,
+        ref: str | Ref,
+        stats: Mapping[str, np.ndarray],
+        embeddings: Mapping[str, Any] | None = None,
+    ) -> Ref:
+        """Routing statistics (and vectors in new spaces) for a version that has none."""
+        vecs = {}
+        for space, value in (embeddings or {}).items():
+            check_name(space)
+            vecs[space] = normalize(value, self._dim(space))
+        return self.catalog.put_stats(ref, stats, vecs)
+
+    def stats(
+        self, refs: list[str | Ref] | None = None, where: Mapping[str, Any] | None = None
+    ) -> dict[Ref, dict[str, np.ndarray] | None]:
+        """Routing statistics of ``refs``, or of every version ``where`` allows (all when
+        both are None); None for a version without statistics."""
+        if refs is not None:
+            return self.catalog.stats(refs)
+        return self.catalog.stats_of_ids(self.catalog.version_ids(where))
 
     def remove(self, ref: str | Ref) -> list[Ref]:
         """Remove versions; their vectors leave the index before the next search."""

@@ -195,3 +195,16 @@ class ChangeRow(Base):
     space: Mapped[str] = mapped_column(String(200))
     op: Mapped[str] = mapped_column(String(8))  # "add" | "remove"
     version_id: Mapped[int] = mapped_column(Integer)
+
+
+class StatsRow(Base):
+    """One routing-statistics array of a version: raw bytes, dtype and shape (never pickled)."""
+
+    __tablename__ = "version_stats"
+    version_id: Mapped[int] = mapped_column(
+        ForeignKey("versions.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dtype: Mapped[str] = mapped_column(String(16))
+    shape: Mapped[list[int]] = mapped_column(JSON)
+    data: Mapped[bytes] = mapped_column(LargeBinary)

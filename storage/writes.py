@@ -68,18 +68,7 @@ def insert_version(
             )
     parents = [resolve(s, p) for p in parent_refs]
     if embeddings:
-        dims = dict(
-            s.execute(
-                select(SpaceRow.name, SpaceRow.dim).where(SpaceRow.name.in_(list(embeddings)))
-            ).all()
-        )
-        for space, vecs in embeddings.items():
-            if space not in dims:
-                s.execute(insert(SpaceRow).values(name=space, dim=int(vecs.shape[1])))
-            elif dims[space] != vecs.shape[1]:
-                raise InvalidEmbedding(
-                    f"space {space!r} holds {dims[space]}-d vectors, got {vecs.shape[1]}-d"
-                )
+        check_spaces(s, embeddings)
     if on_checked is not None:
         on_checked()
     # An atomic increment: a row lock on PostgreSQL, BEGIN IMMEDIATE on SQLite.
@@ -109,6 +98,16 @@ def insert_version(
         )
     if tag_items:
         s.execute(insert(TagRow), [{"version_id": vid, "key": k, "value": v} for k, v in tag_items])
+    insert_embeddings(s, vid, embeddings, checked=True)
+    return Ref(name, number), vid
+
+
+def insert_embeddings(
+    s: Session, vid: int, embeddings: Mapping[str, np.ndarray], checked: bool = False
+) -> None:
+    """Vectors of version ``vid`` (spaces created or dimension-checked unless ``checked``)."""
+    if not checked and embeddings:
+        check_spaces(s, embeddings)
     rows = [
         {
             "version_id": vid,
@@ -123,7 +122,22 @@ def insert_version(
     if rows:
         s.execute(insert(EmbeddingRow), rows)
     log_changes(s, "add", [(vid, sp) for sp in embeddings])
-    return Ref(name, number), vid
+
+
+def check_spaces(s: Session, embeddings: Mapping[str, np.ndarray]) -> None:
+    """Create new spaces; refuse vectors whose dimension differs from their space's."""
+    dims = dict(
+        s.execute(
+            select(SpaceRow.name, SpaceRow.dim).where(SpaceRow.name.in_(list(embeddings)))
+        ).all()
+    )
+    for space, vecs in embeddings.items():
+        if space not in dims:
+            s.execute(insert(SpaceRow).values(name=space, dim=int(vecs.shape[1])))
+        elif dims[space] != vecs.shape[1]:
+            raise InvalidEmbedding(
+                f"space {space!r} holds {dims[space]}-d vectors, got {vecs.shape[1]}-d"
+            )
 
 
 def log_changes(s: Session, op: str, items: list[tuple[int, str]]) -> None:

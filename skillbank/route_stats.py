@@ -1,0 +1,292 @@
+"""What routers know of a skill's data: sums and counts of bare-backbone features.
+
+Computed once, with the adapters off, when a skill is added, and stored with its
+version. Everything is kept as sums (per-class feature sums and counts, the
+second-moment matrix, per-dimension sums of squares of a layer descriptor), so
+the statistics of many skills combine by addition without revisiting any data:
+a shared covariance over a whole bank is ``sum(scatter) - sum(n mu mu^T)``.
+
+Two feature kinds come from the same bare forward:
+
+- ``pooled``: the L2-normalised pre-logit feature (the one ``examples`` uses);
+- ``layers``: a descriptor from intermediate modules (patch embedding, early
+  blocks, or the input pixels as ``"input"``), their token maps average-pooled
+  to at most a 4 x 4 grid, so domain shifts that the pooled feature washes out
+  (rotations, permutations, corruptions) stay visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .embed import pre_logits
+from .errors import InvalidEmbedding, SkillbankError
+
+INPUT = "input"  # the pseudo-layer of the input pixels
+GRID = 4  # token maps are pooled to at most GRID x GRID positions
+_ARRAYS = ("classes", "counts", "class_sums", "scatter", "layers", "layer_sums", "layer_squares")
+
+
+class MissingStats(SkillbankError, LookupError):
+    """A router needs statistics a stored skill does not have (e.g. one added by 0.1.0)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def default_layers(model: nn.Module) -> tuple[str, ...]:
+    """The patch embedding when the model has one (timm ViTs), else the input pixels."""
+    names = {n for n, _ in model.named_modules()}
+    return ("patch_embed",) if "patch_embed" in names else (INPUT,)
+
+
+def _descriptor(out: torch.Tensor) -> torch.Tensor:
+    """(N, e) from a module output: token maps pooled to at most GRID x GRID positions."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    out = out.float()
+    if out.ndim == 4:  # (N, C, H, W)
+        grid = out
+    elif out.ndim == 3:  # (N, L, D) tokens, maybe with prefix (class) tokens first
+        side = math.isqrt(out.shape[1])
+        tokens = out[:, out.shape[1] - side * side :]
+        grid = tokens.transpose(1, 2).reshape(len(out), out.shape[2], side, side)
+    else:
+        return out.flatten(1)
+    size = (min(GRID, grid.shape[2]), min(GRID, grid.shape[3]))
+    return F.adaptive_avg_pool2d(grid, size).flatten(1)
+
+
+@torch.no_grad()
+def route_features(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    layers: Sequence[str] = (),
+    head: str | None = None,
+    batch_size: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pooled (N, d) L2-normalised, layer descriptor (N, e) or None) from ONE forward.
+
+    Intermediate outputs are caught with forward hooks on the same pass that
+    gives the pooled feature, so routing costs one backbone pass. Call it with
+    the adapters off (``with sb.disabled(model):``).
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    mods = {n: model.get_submodule(n) for n in layers if n != INPUT}
+    caught: dict[str, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o, n=n: caught.__setitem__(n, o))
+        for n, m in mods.items()
+    ]
+    pooled, desc = [], []
+    try:
+        for chunk in x.split(batch_size):
+            chunk = chunk.to(device, non_blocking=True)
+            caught.clear()
+            pooled.append(pre_logits(model, chunk, head).float().flatten(1))
+            if layers:
+                desc.append(
+                    torch.cat([_descriptor(chunk if n == INPUT else caught[n]) for n in layers], 1)
+                )
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    f = F.normalize(torch.cat(pooled), dim=1).cpu()
+    return f, (torch.cat(desc).cpu() if desc else None)
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    """Sufficient statistics of one skill's data (float64 sums, combinable by addition).
+
+    ``classes[i]`` is the label of row i of ``class_sums`` / ``counts``;
+    ``scatter`` is ``sum f f^T`` over every sample's pooled feature f;
+    ``layer_sums`` / ``layer_squares`` are per-dimension sums of the layer
+    descriptor from ``layers`` (empty when no layer was asked for).
+    """
+
+    classes: tuple[int, ...]
+    counts: np.ndarray
+    class_sums: np.ndarray
+    scatter: np.ndarray
+    layers: tuple[str, ...] = ()
+    layer_sums: np.ndarray | None = None
+    layer_squares: np.ndarray | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.class_sums.shape[1])
+
+    @property
+    def n(self) -> float:
+        return float(self.counts.sum())
+
+    def means(self) -> np.ndarray:
+        """(C, d) class means of the pooled feature."""
+        return self.class_sums / self.counts[:, None]
+
+    def within_scatter(self) -> np.ndarray:
+        """(d, d) scatter around each class mean: ``scatter - sum_c n_c mu_c mu_c^T``."""
+        return self.scatter - (self.class_sums.T / self.counts) @ self.class_sums
+
+    def layer_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, variance) per dimension of the layer descriptor."""
+        if self.layer_sums is None:
+            raise MissingStats("these statistics were computed without layers")
+        mean = self.layer_sums / self.n
+        return mean, np.maximum(self.layer_squares / self.n - mean**2, 0.0)
+
+    def check(self, what: str = "statistics") -> RouteStats:
+        """Shapes agree and every number is finite and sane; raises InvalidEmbedding."""
+        c, d = self.class_sums.shape if self.class_sums.ndim == 2 else (-1, -1)
+        problems = []
+        if c < 1 or len(self.classes) != c or self.counts.shape != (c,):
+            problems.append(
+                f"{len(self.classes)} classes, counts {self.counts.shape}, "
+                f"class sums {self.class_sums.shape}"
+            )
+        elif self.scatter.shape != (d, d):
+            problems.append(f"scatter is {self.scatter.shape}, features are {d}-d")
+        elif (self.counts <= 0).any():
+            problems.append("a class with no samples")
+        if (self.layer_sums is None) != (not self.layers) or (
+            self.layers and self.layer_sums.shape != self.layer_squares.shape
+        ):
+            problems.append("layer sums do not match the layer names")
+        arrays = [self.counts, self.class_sums, self.scatter]
+        arrays += [self.layer_sums, self.layer_squares] if self.layers else []
+        if not problems and not all(np.isfinite(a).all() for a in arrays):
+            problems.append("NaN or Inf in the features")
+        if problems:
+            raise InvalidEmbedding(f"{what}: " + "; ".join(problems))
+        return self
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for the catalog (numbers and strings only; nothing pickled)."""
+        out = {
+            "classes": np.asarray(self.classes, np.int64),
+            "counts": self.counts,
+            "class_sums": self.class_sums,
+            "scatter": self.scatter,
+        }
+        if self.layers:
+            out |= {
+                "layers": np.asarray(self.layers, dtype=str),
+                "layer_sums": self.layer_sums,
+                "layer_squares": self.layer_squares,
+            }
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], what: str = "statistics") -> RouteStats:
+        missing = sorted({"classes", "counts", "class_sums", "scatter"} - set(arrays))
+        if missing or set(arrays) - set(_ARRAYS):
+            raise InvalidEmbedding(f"{what}: stored arrays {sorted(arrays)} (missing {missing})")
+        layers = tuple(str(s) for s in arrays.get("layers", ()))
+        f64 = lambda k: None if k not in arrays else np.asarray(arrays[k], np.float64)  # noqa: E731
+        return cls(
+            tuple(int(c) for c in arrays["classes"]),
+            f64("counts"),
+            f64("class_sums"),
+            f64("scatter"),
+            layers,
+            f64("layer_sums"),
+            f64("layer_squares"),
+        ).check(what)
+
+
+def compute_stats(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    layers: Sequence[str] | None = None,
+    head: str | None = None,
+    batch_size: int = 256,
+) -> RouteStats:
+    """Statistics of a skill's data from the bare base (adapters off, one pass).
+
+    ``layers`` defaults to ``default_layers(model)``; pass ``()`` for none.
+    Raises ``InvalidEmbedding`` on empty data, mismatched labels or NaN features.
+    """
+    from .adapters.inject import disabled
+
+    y = torch.as_tensor(y).reshape(-1).long()
+    if len(x) == 0 or len(x) != len(y):
+        raise InvalidEmbedding(
+            f"stats need examples with one label each, got {len(x)} and {len(y)}"
+        )
+    layers = tuple(default_layers(model) if layers is None else layers)
+    with disabled(model):
+        f, desc = route_features(model, x, layers=layers, head=head, batch_size=batch_size)
+    if not torch.isfinite(f).all() or (desc is not None and not torch.isfinite(desc).all()):
+        raise InvalidEmbedding("stats: the backbone gave NaN or Inf features for this data")
+    f64 = f.double()
+    classes = torch.unique(y)
+    onehot = (y[:, None] == classes[None, :]).double()
+    d = None if desc is None else desc.double()
+    return RouteStats(
+        tuple(int(c) for c in classes),
+        onehot.sum(0).numpy(),
+        (onehot.T @ f64).numpy(),
+        (f64.T @ f64).numpy(),
+        layers,
+        None if d is None else d.sum(0).numpy(),
+        None if d is None else (d * d).sum(0).numpy(),
+    ).check()
+
+
+PROTOTYPES = "prototypes"  # FAISS space of class means (pooled feature), one row per class
+LAYER_STATS = "layer-stats"  # FAISS space of each skill's mean layer descriptor
+
+
+def stats_vectors(stats: RouteStats) -> dict[str, np.ndarray]:
+    """The vectors a skill's statistics put into retrieval spaces (normalised by the index)."""
+    out = {PROTOTYPES: stats.means().astype(np.float32)}
+    if stats.layers:
+        out[LAYER_STATS] = stats.layer_moments()[0][None].astype(np.float32)
+    return out
+
+
+def pooled_within(stats: Sequence[RouteStats]) -> tuple[np.ndarray, float]:
+    """(summed within-class scatter, degrees of freedom) over several skills' statistics."""
+    dims = {s.dim for s in stats}
+    if len(dims) != 1:
+        raise InvalidEmbedding(f"statistics of different feature dimensions {sorted(dims)}")
+    scatter = sum(s.within_scatter() for s in stats)
+    dof = sum(s.n - len(s.classes) for s in stats)
+    return scatter, max(dof, 1.0)
+
+
+def shrunk_covariance(stats: Sequence[RouteStats], shrink: float = 0.1) -> np.ndarray:
+    """Shared covariance of the pooled feature over skills, shrunk towards (trace/d) I."""
+    scatter, dof = pooled_within(stats)
+    cov = scatter / dof
+    d = cov.shape[0]
+    return (1 - shrink) * cov + shrink * (np.trace(cov) / d) * np.eye(d)
+
+
+__all__ = [
+    "INPUT",
+    "LAYER_STATS",
+    "PROTOTYPES",
+    "MissingStats",
+    "RouteStats",
+    "compute_stats",
+    "default_layers",
+    "pooled_within",
+    "route_features",
+    "shrunk_covariance",
+    "stats_vectors",
+]

@@ -1,0 +1,245 @@
+"""Routers: which skill(s) each row of a batch goes to, chosen by name.
+
+Every router ranks skills from features of ONE bare forward (adapters off):
+the L2-normalised pooled feature and, for ``stats``, a descriptor of
+intermediate layers caught by hooks on that same pass. Candidates always come
+from a FAISS retrieval in the router's own space, so a large bank is searched,
+never scanned; routers with a finer score re-score only those candidates.
+
+- ``examples``: nearest example embedding (mean + k-means centres), the 0.1.0
+  behaviour; needs no statistics, so old banks keep routing.
+- ``prototype``: nearest class mean by cosine (SimpleCIL); the class's skill wins.
+- ``mahalanobis``: class means with one shared covariance of the bank, shrunk
+  towards a scaled identity (FeCAM); candidates from the prototype space.
+- ``stats``: a diagonal Gaussian per skill over a layer descriptor (patch
+  embedding by default): domain shifts the pooled feature washes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from .bank import SkillBank
+from .embed import EXAMPLES
+from .errors import ConfigError, InvalidEmbedding
+from .route_stats import (
+    LAYER_STATS,
+    PROTOTYPES,
+    MissingStats,
+    RouteStats,
+    default_layers,
+    pooled_within,
+)
+
+Ranked = tuple[list[list[str]], list[list[float]]]  # per row: refs and scores, best first
+
+
+class BaseRouter:
+    """Ranks skills for each row. Subclasses set ``name`` and implement ``rank``."""
+
+    name: ClassVar[str] = ""
+    space: ClassVar[str] = EXAMPLES
+    uses_layers: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        bank: SkillBank,
+        where: Mapping[str, Any] | None = None,
+        *,
+        space: str | None = None,
+        candidates: int = 16,
+        shrink: float = 0.1,
+        layers: tuple[str, ...] | None = None,
+    ) -> None:
+        if candidates < 1 or not 0.0 <= shrink <= 1.0:
+            raise ConfigError(
+                f"candidates must be >= 1 and shrink in [0, 1], got {candidates}, {shrink}"
+            )
+        self.bank, self.where = bank, where
+        self.space = space or self.space
+        self.candidates, self.shrink = candidates, shrink
+        self._layers = None if layers is None else tuple(layers)
+        self._generation: int | None = None
+        self._stats: dict[str, RouteStats] = {}
+
+    def layers(self, model: torch.nn.Module) -> tuple[str, ...]:
+        """Intermediate modules whose outputs this router reads (hooked on the same pass)."""
+        if not self.uses_layers:
+            return ()
+        if self._layers is None:
+            self._layers = default_layers(model)
+        return self._layers
+
+    def _retrieve(self, query: torch.Tensor | np.ndarray, k: int) -> Ranked:
+        q = np.asarray(query, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise InvalidEmbedding(f"{self.name} router: NaN or Inf in the routing features")
+        try:
+            hits = self.bank.retrieve(q, k=k, space=self.space, where=self.where)
+        except InvalidEmbedding as err:
+            if "no embeddings in space" in str(err) and self.space != EXAMPLES:
+                raise MissingStats(
+                    f"the {self.name!r} router needs routing statistics and no skill in this "
+                    f"bank has any ({err}); add skills with stats=sb.compute_stats(...) or "
+                    "bank.put_stats(REF, ...), or use router='examples'"
+                ) from None
+            raise
+        return [[str(h.ref) for h in row] for row in hits], [[h.score for h in row] for row in hits]
+
+    def _fresh_stats(self) -> None:
+        """Statistics of every routable skill, reloaded when the catalog changed;
+        raises ``MissingStats`` naming the skills that have none."""
+        gen = self.bank.library.catalog.state()[1]
+        if gen != self._generation:
+            self._stats = self.bank.route_stats(where=self.where)
+            self._generation = gen
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Recompute what depends on the whole set of statistics (e.g. a shared covariance)."""
+
+    def stats(self, ref: str) -> RouteStats:
+        return self._stats[ref]
+
+    def rank(self, pooled: torch.Tensor, desc: torch.Tensor | None, k: int) -> Ranked:
+        raise NotImplementedError
+
+    @staticmethod
+    def _topk(refs: list[list[str]], scores: np.ndarray, k: int) -> Ranked:
+        """Best ``k`` of each row's candidates by ``scores`` (rows x candidates, -inf = none)."""
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        out_refs, out_scores = [], []
+        for i, row in enumerate(order):
+            keep = [j for j in row if np.isfinite(scores[i, j])]
+            out_refs.append([refs[i][j] for j in keep])
+            out_scores.append([float(scores[i, j]) for j in keep])
+        return out_refs, out_scores
+
+
+class ExamplesRouter(BaseRouter):
+    name = "examples"
+
+    def rank(self, pooled, desc, k):
+        return self._retrieve(pooled, k)
+
+
+class PrototypeRouter(BaseRouter):
+    name = "prototype"
+    space = PROTOTYPES
+
+    def rank(self, pooled, desc, k):
+        self._fresh_stats()  # every routable skill must have prototypes
+        return self._retrieve(pooled, k)
+
+
+class MahalanobisRouter(BaseRouter):
+    name = "mahalanobis"
+    space = PROTOTYPES
+
+    def refresh(self) -> None:
+        stats = list(self._stats.values())
+        if not stats:
+            self._precision = None
+            return
+        scatter, dof = pooled_within(stats)
+        cov = scatter / dof
+        d = cov.shape[0]
+        cov = (1 - self.shrink) * cov + self.shrink * (np.trace(cov) / d + 1e-12) * np.eye(d)
+        self._precision = np.linalg.inv(cov)
+
+    def rank(self, pooled, desc, k):
+        self._fresh_stats()
+        refs, _ = self._retrieve(pooled, max(k, self.candidates))
+        if self._precision is None:
+            return refs, [[] for _ in refs]
+        if pooled.shape[1] != self._precision.shape[0]:
+            raise InvalidEmbedding(
+                f"routing features are {pooled.shape[1]}-d, the bank's statistics "
+                f"{self._precision.shape[0]}-d: a different backbone?"
+            )
+        unique = sorted({r for row in refs for r in row})
+        col = {r: j for j, r in enumerate(unique)}
+        means = [self.stats(r).means() for r in unique]
+        owner = np.concatenate([np.full(len(m), col[r]) for r, m in zip(unique, means, strict=True)])
+        mu = np.concatenate(means)  # (G, d) class means of every candidate
+        f = pooled.double().numpy()
+        fp, mp = f @ self._precision, mu @ self._precision
+        dist = (fp * f).sum(1)[:, None] - 2 * fp @ mu.T + (mp * mu).sum(1)[None, :]
+        per_skill = np.full((len(f), len(unique)), np.inf)
+        np.minimum.at(per_skill, (slice(None), owner), dist)  # nearest class of each skill
+        scores = np.full((len(f), max(len(r) for r in refs)), -np.inf)
+        for i, row in enumerate(refs):
+            scores[i, : len(row)] = [-per_skill[i, col[r]] for r in row]
+        return self._topk(refs, scores, k)
+
+
+class StatsRouter(BaseRouter):
+    name = "stats"
+    space = LAYER_STATS
+    uses_layers = True
+
+    def refresh(self) -> None:
+        self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for ref, st in self._stats.items():
+            if tuple(st.layers) != tuple(self._layers or st.layers):
+                raise InvalidEmbedding(
+                    f"{ref} has statistics of layers {list(st.layers)}, the router reads "
+                    f"{list(self._layers)}"
+                )
+            mean, var = st.layer_moments()
+            self._moments[ref] = (mean, (1 - self.shrink) * var + self.shrink * var.mean() + 1e-8)
+
+    def rank(self, pooled, desc, k):
+        if desc is None:
+            raise ConfigError("the stats router needs layer features (Router passes them)")
+        self._fresh_stats()
+        refs, _ = self._retrieve(desc, max(k, self.candidates))
+        x = desc.double().numpy()
+        scores = np.full((len(x), max(len(r) for r in refs)), -np.inf)
+        cache: dict[str, np.ndarray] = {}
+        for r in {r for row in refs for r in row}:
+            mean, var = self._moments[r]
+            if mean.shape[0] != x.shape[1]:
+                raise InvalidEmbedding(
+                    f"layer features are {x.shape[1]}-d, {r}'s statistics {mean.shape[0]}-d"
+                )
+            cache[r] = -0.5 * (((x - mean) ** 2 / var) + np.log(var)).mean(1)
+        for i, row in enumerate(refs):
+            scores[i, : len(row)] = [cache[r][i] for r in row]
+        return self._topk(refs, scores, k)
+
+
+ROUTERS: dict[str, type[BaseRouter]] = {
+    r.name: r for r in (ExamplesRouter, PrototypeRouter, MahalanobisRouter, StatsRouter)
+}
+
+
+def make_router(
+    name: str, bank: SkillBank, where: Mapping[str, Any] | None = None, **options: Any
+) -> BaseRouter:
+    """A router by name (see ``ROUTERS``)."""
+    if name not in ROUTERS:
+        raise ConfigError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
+    return ROUTERS[name](bank, where, **options)
+
+
+# The runner's default per scenario, chosen from the measurements in the README.
+DEFAULT_ROUTERS = {"class": "mahalanobis", "task": "mahalanobis", "domain": "stats"}
+
+
+def default_router(scenario: str) -> str:
+    """The router the benchmark uses for a scenario when none is named."""
+    return DEFAULT_ROUTERS.get(scenario, "examples")
+
+
+__all__ = [
+    "DEFAULT_ROUTERS",
+    "ROUTERS",
+    "BaseRouter",
+    "default_router",
+    "make_router",
+]
