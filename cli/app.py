@@ -53,6 +53,14 @@ def bench(
     resume: bool = typer.Option(
         False, "--resume", help="Continue an interrupted run from its checkpoint."
     ),
+    router: str = typer.Option(
+        None,
+        help="How routed learners find skills: examples | prototype | mahalanobis | stats "
+        "(default: the scenario's).",
+    ),
+    rerank: int = typer.Option(
+        None, help="Re-rank each sample's N best skills by the adapted model's confidence."
+    ),
     nproc: int = typer.Option(
         None,
         "--nproc",
@@ -86,6 +94,8 @@ def bench(
         bank=chosen if chosen != "skills" else None,
         resume=resume or None,
         nproc=nproc,
+        router=router,
+        rerank=rerank,
     )
     from learners import distributed
 

@@ -70,6 +70,11 @@ class BenchConfig:
     # Processes to train and score with (continual protocol); > 1 is started by
     # `skillbank bench --nproc N` or `torchrun --nproc-per-node N -m cli bench`.
     nproc: int = 1
+    # How routed learners find skills: a name from skillbank.routers.ROUTERS, or None
+    # for the scenario's default; rerank > 1 re-ranks that many candidates by the
+    # adapted model's confidence (rerank extra adapted forwards per batch).
+    router: str | None = None
+    rerank: int = 0
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -95,6 +100,12 @@ class BenchConfig:
             raise sb.ConfigError("name at least one learner and one seed")
         if not self.shots or any(s <= 0 for s in self.shots):
             raise sb.ConfigError(f"shots must be positive counts per class, got {self.shots}")
+        from skillbank.routers import ROUTERS
+
+        if self.router is not None and self.router not in ROUTERS:
+            raise sb.ConfigError(f"unknown router {self.router!r}; choose from {sorted(ROUTERS)}")
+        if self.rerank < 0:
+            raise sb.ConfigError(f"rerank must be >= 0, got {self.rerank}")
         for name in ("tasks", "rank", "epochs", "batch_size", "nproc"):
             if getattr(self, name) <= 0:
                 raise sb.ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -185,6 +196,8 @@ def _execute(cfg: BenchConfig, console, bank) -> dict:
         pretrain_epochs=cfg.pretrain_epochs,
         learner_kwargs=kwargs,
         progress=lambda msg: console.log(msg),
+        router=cfg.router,
+        rerank=cfg.rerank,
     )
     if distributed.is_main():
         print_table(results)

@@ -131,6 +131,7 @@ def table(results: dict[str, RunResult], title: str | None = None) -> Table:
     t = Table(
         title=title
         or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}"
+        + (f", router {first.router}" if getattr(first, "router", "") else "")
     )
     for col in (
         "learner",

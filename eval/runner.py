@@ -91,6 +91,8 @@ def run_seed(
     run_id: str,
     state: SeedRun | None = None,
     on_task=None,
+    router: str = "examples",
+    rerank: int = 0,
 ) -> SeedRun:
     """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``.
 
@@ -110,6 +112,8 @@ def run_seed(
             run_id=run_id,
             state=state,
             on_task=on_task,
+            router=router,
+            rerank=rerank,
         )
 
 
@@ -124,13 +128,15 @@ def _run_seed(
     run_id: str,
     state: SeedRun | None,
     on_task,
+    router: str = "examples",
+    rerank: int = 0,
 ) -> SeedRun:
     state = state or SeedRun()
     learner = learner.with_train(seed=seed, device=str(device))
     model = copy.deepcopy(base).to(device).eval()
     tags = {"run": run_id, "seed": str(seed), "stream": stream.name}
     where = {"learner": learner.name, **tags}
-    router = sb.Router(model, bank, where=where)
+    router = sb.Router(model, bank, where=where, router=router, rerank=rerank)
     skill_of_task: dict[int, str] = {}
     for i, ref in enumerate(state.skills):  # resume: put the finished tasks back
         if not ref:
@@ -189,9 +195,11 @@ def _bank_skill(
     seed: int,
     tags: dict[str, str],
 ) -> str:
-    """Add a task's skill to the bank with its example embedding (base features); its ref."""
+    """Add a task's skill to the bank with its example embedding and routing statistics
+    (base features, adapters off); its ref."""
     with sb.disabled(model):
         emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
+        stats = sb.compute_stats(model, task.x_train, task.y_train)
     return str(
         bank.add(
             f"{stream.name}-{learner.name}-s{seed}-{task.name}",
@@ -201,6 +209,7 @@ def _bank_skill(
             tags={**tags, "task": task.name},
             learner=learner.name,
             embed_text=False,
+            stats=stats,
         )
     )
 
@@ -227,6 +236,7 @@ class RunResult:
     seeds: list[int]
     runs: list[SeedRun]
     device: str
+    router: str = ""  # how routed learners found their skills
 
     @property
     def R(self) -> np.ndarray:
@@ -312,8 +322,15 @@ def bench(
     pretrain_epochs: int | None = None,
     learner_kwargs: dict[str, dict] | None = None,
     progress=None,
+    router: str | None = None,
+    rerank: int = 0,
 ) -> dict[str, RunResult]:
-    """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``."""
+    """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``.
+    ``router`` (default: the scenario's, ``skillbank.routers.DEFAULT_ROUTERS``) and
+    ``rerank`` set how routed learners find skills."""
+    from skillbank.routers import default_router
+
+    router = router or default_router(stream.scenario)
     learner_kwargs = learner_kwargs or {}
     objs = [
         make_learner(spec, **learner_kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
@@ -355,15 +372,26 @@ def bench(
                         run_id=run_id,
                         state=state,
                         on_task=save,
+                        router=router,
+                        rerank=rerank,
                     )
                 runs.append(state)
             results[learner.name] = RunResult(
-                learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev)
+                learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev), router
             )
         if out is not None and distributed.is_main():
             from eval.report import write_results
 
-            write_results(results, out, extra={"run_id": run_id, "backbone": str(backbone)})
+            write_results(
+                results,
+                out,
+                extra={
+                    "run_id": run_id,
+                    "backbone": str(backbone),
+                    "router": router,
+                    "rerank": rerank,
+                },
+            )
         return results
     finally:
         if own_bank:

@@ -1,0 +1,132 @@
+"""Routing statistics: combination, round trip through the bank, migration, bad input."""
+
+import numpy as np
+import pytest
+import torch
+from alembic import command
+from test_routers import Tiny, add_task, e, gaussian, skill_of
+
+import skillbank as sb
+from skillbank.route_stats import PROTOTYPES, RouteStats, pooled_within
+from storage.session import alembic_config, make_engine, schema_revision
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def data(n=60, seed=0):
+    x = torch.cat([gaussian(e(0, 3), 0.3, n, seed), gaussian(e(1, 3), 0.3, n, seed + 1)])
+    return x, torch.cat([torch.zeros(n), torch.ones(n)]).long()
+
+
+def test_statistics_combine_without_the_data(model):
+    x, y = data()
+    whole = sb.compute_stats(model, x, y, head="head")
+    half = [sb.compute_stats(model, x[i::2], y[i::2], head="head") for i in range(2)]
+    np.testing.assert_allclose(half[0].scatter + half[1].scatter, whole.scatter, atol=1e-9)
+    np.testing.assert_allclose(half[0].class_sums + half[1].class_sums, whole.class_sums, atol=1e-9)
+    # the pooled within-class scatter of skills equals the one computed from their samples
+    f, _ = sb.route_stats.route_features(model, x, head="head")
+    f = f.double().numpy()
+    by_hand = sum(
+        (f[y == c] - f[y == c].mean(0)).T @ (f[y == c] - f[y == c].mean(0)) for c in (0, 1)
+    )
+    scatter, dof = pooled_within([whole])
+    np.testing.assert_allclose(scatter, by_hand, atol=1e-9)
+    assert dof == len(x) - 2
+
+
+def test_stats_round_trip_through_the_bank(model, catalog_url, tmp_path):
+    x, y = data()
+    stats = sb.compute_stats(model, x, y, head="head")
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        ref = str(bank.add("a", skill_of(model, "a"), stats=stats, embed_text=False))
+        assert PROTOTYPES in bank.record(ref).spaces
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        back = bank.route_stats([ref])[ref]
+        assert back.classes == stats.classes and back.layers == stats.layers == ("patch_embed",)
+        for a, b in zip(back.to_arrays().values(), stats.to_arrays().values(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        hits = bank.retrieve(stats.means()[1], k=1, space=PROTOTYPES)
+        assert str(hits[0].ref) == ref
+
+
+def test_a_0_1_0_catalog_upgrades_and_still_routes(model, tmp_path):
+    where = tmp_path / "old"
+    x, y = data()
+    with sb.SkillBank.open(where) as bank:  # a 0.1.0 bank: example embedding only
+        emb = sb.example_embedding(model, x, head="head")
+        ref = str(bank.add("old", skill_of(model, "old"), embedding=emb, embed_text=False))
+    engine = make_engine(where)
+    with engine.begin() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+    assert schema_revision(engine) == "0001"
+    engine.dispose()
+    with sb.SkillBank.open(where) as bank:
+        assert schema_revision(bank.library.catalog.engine) == "0002"
+        assert set(sb.route(model, bank, x, head="head").refs) == {ref}
+        for router in ("prototype", "mahalanobis", "stats"):
+            with pytest.raises(sb.MissingStats, match=r"old@1.*put_stats"):
+                sb.route(model, bank, x, head="head", router=router)
+        bank.put_stats(ref, sb.compute_stats(model, x, y, head="head"))
+        assert set(sb.route(model, bank, x, head="head", router="mahalanobis").refs) == {ref}
+        with pytest.raises(sb.SkillExists, match="immutable"):
+            bank.put_stats(ref, sb.compute_stats(model, x, y, head="head"))
+
+
+def test_a_skill_without_stats_among_others_is_named(model, tmp_path):
+    x, y = data()
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        add_task(bank, model, "with", [x], [y])
+        emb = sb.example_embedding(model, x, head="head")
+        bank.add("without", skill_of(model, "without"), embedding=emb, embed_text=False)
+        with pytest.raises(sb.MissingStats, match="without@1 has no routing statistics"):
+            sb.route(model, bank, x, head="head", router="prototype")
+
+
+def _unchanged(bank, before):
+    assert [str(r.ref) for r in bank.list(latest_only=False)] == before
+    assert len(list(bank.library.blobs.digests())) == len(before)  # no stray blob
+
+
+def test_bad_statistics_leave_nothing_written(model, tmp_path):
+    x, y = data()
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        add_task(bank, model, "good", [x], [y])
+        before = [str(r.ref) for r in bank.list(latest_only=False)]
+        # a different feature dimension than the bank's prototypes
+        wide = sb.RouteStats((0,), np.ones(1), np.ones((1, 16)), np.eye(16))
+        with pytest.raises(sb.InvalidEmbedding, match="dimension 16"):
+            bank.add("wide", skill_of(model, "wide"), stats=wide, embed_text=False)
+        _unchanged(bank, before)
+        # NaN in the statistics
+        good = sb.compute_stats(model, x, y, head="head")
+        nan = RouteStats(good.classes, good.counts, good.class_sums * np.nan, good.scatter)
+        with pytest.raises(sb.InvalidEmbedding, match="NaN"):
+            bank.add("nan", skill_of(model, "nan"), stats=nan, embed_text=False)
+        _unchanged(bank, before)
+        # inconsistent shapes
+        bad = RouteStats((0, 1), np.ones(1), good.class_sums, good.scatter)
+        with pytest.raises(sb.InvalidEmbedding, match="classes"):
+            bank.add("bad", skill_of(model, "bad"), stats=bad, embed_text=False)
+        _unchanged(bank, before)
+        # a model whose features have another dimension cannot route over this bank
+        wide_model = torch.nn.Sequential()
+        wide_model.head = torch.nn.Linear(16, 4)
+        with pytest.raises(sb.InvalidEmbedding, match="dimension"):
+            sb.route(wide_model, bank, torch.randn(3, 16), head="head", router="prototype")
+
+
+def test_nan_inputs_and_mismatched_labels_are_refused(model):
+    x, y = data()
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(sb.InvalidEmbedding, match="NaN"):
+        sb.compute_stats(model, bad, y, head="head")
+    with pytest.raises(sb.InvalidEmbedding, match="one label each"):
+        sb.compute_stats(model, x, y[:-1], head="head")
