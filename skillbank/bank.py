@@ -104,6 +104,8 @@ class SkillBank:
                 else {EXAMPLES: np.asarray(embedding)}
             )
         if stats is not None:
+            if not isinstance(stats, RouteStats):
+                raise ConfigError(f"stats must be RouteStats, got {type(stats).__name__}")
             spaces.update(stats_vectors(stats.check(f"statistics of {name}")))
         if description and embed_text is not False and TEXT not in spaces:
             try:

@@ -164,7 +164,9 @@ class MahalanobisRouter(BaseRouter):
         unique = sorted({r for row in refs for r in row})
         col = {r: j for j, r in enumerate(unique)}
         means = [self.stats(r).means() for r in unique]
-        owner = np.concatenate([np.full(len(m), col[r]) for r, m in zip(unique, means, strict=True)])
+        owner = np.concatenate(
+            [np.full(len(m), col[r]) for r, m in zip(unique, means, strict=True)]
+        )
         mu = np.concatenate(means)  # (G, d) class means of every candidate
         f = pooled.double().numpy()
         fp, mp = f @ self._precision, mu @ self._precision
