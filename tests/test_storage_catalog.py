@@ -191,7 +191,7 @@ def test_migrations_match_models_and_downgrade(catalog_url, tmp_path):
     blobs = tmp_path / "blobs"
     Library.open(catalog_url, blobs=blobs).close()
     engine = make_engine(catalog_url)
-    assert schema_revision(engine) == head_revision() == "0001"
+    assert schema_revision(engine) == head_revision() == "0002"
     with engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
     cfg = alembic_config()
