@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import randomise
+from helpers import randomise
 
 import skillbank as sb
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_reliability_concurrency import context, tiny_skill, vector
+from helpers import context, tiny_skill, vector
 
 import skillbank as sb
 from storage import faults
