@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from helpers import context, tiny_skill, vector
 
@@ -22,6 +23,8 @@ import skillbank as sb
 from storage import Library
 from storage.blobs import sha256
 from storage.index import VectorIndex
+
+pytestmark = pytest.mark.reliability
 
 WRITERS, ADDS, READERS = 4, 8, 2
 OPENERS = 6

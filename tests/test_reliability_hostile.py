@@ -24,6 +24,8 @@ from helpers import tiny_skill, vector
 import skillbank as sb
 from skillbank import safefile
 
+pytestmark = pytest.mark.reliability
+
 
 class Plant:
     """Unpickling this creates ``path``: the test fails if that file ever appears."""

@@ -39,6 +39,7 @@ def kwargs(*names):
     return {n: {"train": FAST, "rank": 4} for n in names}
 
 
+@pytest.mark.slow
 def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path):
     out = tmp_path / "run"
     with sb.SkillBank.open(tmp_path / "bank") as bank:
