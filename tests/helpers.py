@@ -7,6 +7,7 @@ module is importable in pytest and in the worker processes the tests start.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import multiprocessing as mp
 import os
@@ -37,6 +38,18 @@ def randomise(model: nn.Module, name: str, std: float = 0.2) -> None:
             if name in layer.lora_B:
                 b = layer.lora_B[name]
                 b.copy_(torch.randn(b.shape, generator=g) * std)
+
+
+VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+
+
+def make_skill(vit: nn.Module, name: str, seed: int, rank: int = 4) -> tuple[nn.Module, sb.Skill]:
+    """A copy of ``vit`` with a randomised adapter ``name`` on every block site, and its skill."""
+    model = copy.deepcopy(vit)
+    sb.add_adapter(model, name, sb.LoRAConfig(rank=rank, targets=VIT_TARGETS, head="head"))
+    torch.manual_seed(seed)
+    randomise(model, name)
+    return model, sb.Skill.from_model(model, name)
 
 
 # --- worker processes and small skills for the reliability tests -------------------
