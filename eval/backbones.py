@@ -26,6 +26,7 @@ from eval.data import Task
 from learners.base import TrainConfig, resolve_device, train
 from skillbank.embed import features  # noqa: F401  (re-exported: pooled pre-logits)
 from skillbank.errors import ConfigError
+from skillbank.files import atomic_path
 
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.14 M parameters. Mean-pooled tokens (no class token) and, by default, a
@@ -270,18 +271,16 @@ def pretrain(
         )
         seconds = time.perf_counter() - t0
         test_acc = _evaluate(model, source_task, dev)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_model(
-            model.cpu(),
-            str(tmp),
-            metadata={
-                "skillbank_config": blob,
-                "test_acc": repr(test_acc),
-                "train_seconds": repr(seconds),
-            },
-        )
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # concurrent pretrainers each write whole files
+            save_model(
+                model.cpu(),
+                str(tmp),
+                metadata={
+                    "skillbank_config": blob,
+                    "test_acc": repr(test_acc),
+                    "train_seconds": repr(seconds),
+                },
+            )
         info = {
             "cached": False,
             "path": str(path),

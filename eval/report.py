@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval import metrics
+from skillbank.files import atomic_write
 
 if TYPE_CHECKING:
     from eval.runner import RunResult
@@ -31,12 +32,8 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
-    """``doc`` as JSON at ``path``, atomically (temp file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=indent))
-    tmp.replace(path)
-    return path
+    """``doc`` as JSON at ``path``, atomically: a crash leaves the previous file whole."""
+    return atomic_write(path, json.dumps(doc, indent=indent))
 
 
 def _clean(v: Any) -> Any:
