@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval import metrics
+from skillbank.files import atomic_write
 
 if TYPE_CHECKING:
     from eval.runner import RunResult
@@ -31,12 +32,8 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
-    """``doc`` as JSON at ``path``, atomically (temp file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=indent))
-    tmp.replace(path)
-    return path
+    """``doc`` as JSON at ``path``, atomically: a crash leaves the previous file whole."""
+    return atomic_write(path, json.dumps(doc, indent=indent))
 
 
 def _clean(v: Any) -> Any:
@@ -85,14 +82,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_results(
-    results: dict[str, RunResult], out: str | Path, extra: dict | None = None
-) -> Path:
-    """``results.json`` (R per seed, metrics with mean/std, costs, device, versions) and plots."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def results_doc(results: dict[str, RunResult], extra: dict | None = None) -> dict[str, Any]:
+    """The continual protocol's ``results.json``: R per seed, metrics with mean/std, costs,
+    device, versions, then ``extra`` (e.g. the run id)."""
     first = next(iter(results.values()))
-    doc = {
+    return {
         "stream": first.stream,
         "scenario": first.scenario,
         "device": first.device,
@@ -112,9 +106,16 @@ def write_results(
             for name, r in results.items()
         },
     }
-    write_json(out / "results.json", doc)
+
+
+def write_results(
+    results: dict[str, RunResult], out: str | Path, extra: dict | None = None
+) -> Path:
+    """``results.json`` (``results_doc``) and the plots under ``out``."""
     from eval.plots import plot_all
 
+    out = Path(out)
+    write_json(out / "results.json", results_doc(results, extra))
     plot_all(results, out)
     return out
 

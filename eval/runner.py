@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,10 @@ import torch.nn as nn
 import skillbank as sb
 from eval import backbones
 from eval.baselines import BASELINES, union
+from eval.driver import RESULTS, Context, Protocol, open_context, open_run
 from eval.protocol import Score, score_direct, score_routed
 from eval.streams import Stream
-from learners import Learner, create_learner, distributed, list_learners, resolve_device
+from learners import Learner, create_learner, distributed, list_learners
 
 
 @dataclass
@@ -255,25 +255,6 @@ def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module
         raise sb.ConfigError("each learner may appear once per run")
 
 
-def _prepare_backbone(
-    backbone: str | nn.Module,
-    stream: Stream,
-    device: torch.device,
-    seed: int = 0,
-    epochs: int | None = None,
-) -> nn.Module:
-    if isinstance(backbone, nn.Module):
-        return backbone
-    if stream.source is None:
-        raise sb.ConfigError(
-            f"backbone {backbone!r} by name needs a stream with a source split to pretrain on"
-        )
-    kw = {} if epochs is None else {"epochs": epochs}
-    return backbones.pretrain(
-        backbone, stream.source, seed=seed, device=str(device), num_classes=stream.n_classes, **kw
-    )
-
-
 def run(
     stream: Stream,
     learner: str | Learner = "lora",
@@ -314,60 +295,104 @@ def bench(
     progress=None,
 ) -> dict[str, RunResult]:
     """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``."""
-    learner_kwargs = learner_kwargs or {}
-    objs = [
-        make_learner(spec, **learner_kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
-        for spec in learners
-    ]
+    objs = _learners(learners, learner_kwargs or {})
     _validate(stream, objs, backbone)
-    dev = resolve_device(device)
-    own_bank = not isinstance(bank, sb.SkillBank)
-    if own_bank:
-        with distributed.main_first():  # rank 0 creates the catalog and its schema
-            bank = sb.SkillBank.open(bank or "skills")
     out = Path(out) if out is not None else None
     ckpt = _load_checkpoint(out, resume)
-    run_id = distributed.broadcast(
-        ckpt.get("run_id") or uuid.uuid4().hex[:12]
-    )  # tags must agree across ranks
-    try:
-        base = _prepare_backbone(backbone, stream, dev, epochs=pretrain_epochs)
-        results: dict[str, RunResult] = {}
-        for learner in objs:
-            runs = []
-            for seed in seeds:
-                key = f"{learner.name}/{seed}"
-                state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
-                if state is None or state.done < len(stream):
+    with open_context(
+        bank if isinstance(bank, sb.SkillBank) else (bank or "skills"),
+        seeds=seeds,
+        device=device,
+        out=out,
+        backbone=backbone,
+        pretrain_epochs=pretrain_epochs,
+        run_id=ckpt.get("run_id"),  # a resumed run keeps its id
+        progress=progress,
+    ) as ctx:
+        return _bench(ctx, stream, objs, ckpt)
 
-                    def save(st, key=key):
-                        _save_checkpoint(out, run_id, key, st, ckpt)
 
-                    if progress is not None and distributed.is_main():
-                        progress(f"{learner.name} seed {seed}")
-                    state = run_seed(
-                        stream,
-                        learner,
-                        base,
-                        bank,
-                        seed,
-                        device=dev,
-                        run_id=run_id,
-                        state=state,
-                        on_task=save,
-                    )
-                runs.append(state)
-            results[learner.name] = RunResult(
-                learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev)
+def bench_protocol(
+    cfg, bank: sb.SkillBank | str | Path | None, console=None
+) -> dict[str, RunResult]:
+    """``skillbank bench`` (the continual protocol): ``bench`` with everything from ``cfg``."""
+    from eval.config import build_stream
+    from eval.report import print_table
+    from learners import TrainConfig
+
+    train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
+    kwargs = {
+        n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})}
+        for n in cfg.learners
+    }
+    objs = _learners(cfg.learners, kwargs)  # unknown names fail here, before any data is loaded
+    stream = build_stream(cfg)
+    _validate(stream, objs, cfg.backbone)
+    out = Path(cfg.out)
+    ckpt = _load_checkpoint(out, cfg.resume)
+    bank = bank if isinstance(bank, sb.SkillBank) else (bank or cfg.bank)
+    with open_run(cfg, bank, console, run_id=ckpt.get("run_id")) as ctx:
+        results = _bench(ctx, stream, objs, ckpt)
+        if distributed.is_main():
+            print_table(results)
+            ctx.console.print(
+                f"results: {out / RESULTS}; plots: {out}/*.png; skills in bank {cfg.bank}"
+                + (
+                    f"; {distributed.world_size()} processes"
+                    if distributed.is_distributed()
+                    else ""
+                )
             )
-        if out is not None and distributed.is_main():
-            from eval.report import write_results
+    return results
 
-            write_results(results, out, extra={"run_id": run_id, "backbone": str(backbone)})
-        return results
-    finally:
-        if own_bank:
-            bank.close()
+
+def _learners(specs: list[str | Learner], kwargs: dict[str, dict]) -> list[Learner]:
+    return [
+        make_learner(spec, **kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
+        for spec in specs
+    ]
+
+
+def _bench(
+    ctx: Context, stream: Stream, learners: list[Learner], ckpt: dict
+) -> dict[str, RunResult]:
+    """The continual protocol in an open run: every learner, every seed; rank 0 writes."""
+    from eval.plots import plot_all
+    from eval.report import results_doc
+
+    base = ctx.pretrained(stream.source, stream.n_classes)
+    results: dict[str, RunResult] = {}
+    for learner in learners:
+        runs = []
+        for seed in ctx.each_seed():
+            key = f"{learner.name}/{seed}"
+            state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
+            if state is None or state.done < len(stream):
+
+                def save(st, key=key):
+                    _save_checkpoint(ctx, key, st, ckpt)
+
+                ctx.log(f"{learner.name} seed {seed}")
+                state = run_seed(
+                    stream,
+                    learner,
+                    base,
+                    ctx.bank,
+                    seed,
+                    device=ctx.device,
+                    run_id=ctx.run_id,
+                    state=state,
+                    on_task=save,
+                )
+            runs.append(state)
+        results[learner.name] = RunResult(
+            learner.name, stream.name, stream.scenario, list(ctx.seeds), runs, str(ctx.device)
+        )
+    ctx.write_results(
+        results_doc(results, extra={"run_id": ctx.run_id, "backbone": str(ctx.backbone)}),
+        plots=lambda out: plot_all(results, out),
+    )
+    return results
 
 
 def _load_checkpoint(out: Path | None, resume: bool) -> dict:
@@ -377,11 +402,16 @@ def _load_checkpoint(out: Path | None, resume: bool) -> dict:
     return {"runs": {}}
 
 
-def _save_checkpoint(out: Path | None, run_id: str, key: str, state: SeedRun, ckpt: dict) -> None:
-    if out is None or not distributed.is_main():
-        return
-    from eval.report import write_json
-
-    ckpt["run_id"] = run_id
+def _save_checkpoint(ctx: Context, key: str, state: SeedRun, ckpt: dict) -> None:
+    ckpt["run_id"] = ctx.run_id
     ckpt.setdefault("runs", {})[key] = {k: getattr(state, k) for k in SeedRun.__dataclass_fields__}
-    write_json(out / "checkpoint.json", ckpt, indent=None)
+    ctx.write_json("checkpoint.json", ckpt, indent=None)
+
+
+PROTOCOL = Protocol(
+    "continual",
+    stream="split-mnist",
+    learners=("lora", "finetune", "joint", "frozen"),
+    run=bench_protocol,
+    multi_process=True,
+)

@@ -49,7 +49,3 @@ class InvalidEmbedding(SkillbankError, ValueError):
 
 class MissingBlob(CorruptFile):
     """A blob the catalog references but the blob store no longer holds."""
-
-
-class InvalidStream(SkillbankError, ValueError):
-    """Task or stream data that cannot be trained on (empty, bad labels, bad shapes)."""
