@@ -165,8 +165,8 @@ class Orthogonal(Learner):
             proj = torch.eye(len(cov), device=cov.device) - (m @ m.T if m is not None else 0)
             vals, vecs = torch.linalg.eigh(proj @ cov @ proj)
             a = vecs[:, vals.argsort(descending=True)[: layer.adapter_rank(name)]].T / 3**0.5
-            for site in layer.adapter_factors(name):  # every site (q, k, v) reads the same inputs
-                site.copy_(a=a)
+            for f in layer.adapter_factors(name):  # every site (q, k, v) reads the same inputs
+                f.copy_(a=a)
             layer.factor_parameters(name)[0].requires_grad_(False)
 
     def _span(self, layer) -> torch.Tensor | None:

@@ -147,7 +147,13 @@ class AdapterLayer(nn.Module):
     # ------------------------------------------------------------ kind hooks
     @classmethod
     def check(cls, module: nn.Module, rank: int, path: str) -> None:
-        """Raise ConfigError when ``module`` cannot carry a rank-``rank`` adapter."""
+        """Raise ConfigError when ``module`` cannot carry a rank-``rank`` adapter.
+
+        Args:
+            module: the base module.
+            rank: the rank asked for.
+            path: the module's path, for the message.
+        """
         fan_in, fan_out = cls.fans(module)
         if rank > min(fan_in, fan_out):
             raise ConfigError(
@@ -157,17 +163,29 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def fans(cls, module: nn.Module) -> tuple[int, int]:
+        """(fan_in, fan_out) of ``module``'s adapted map."""
         raise NotImplementedError
 
     def base_weight(self) -> torch.Tensor:
+        """The base weight adapters add to (and merging changes)."""
         return self.base.weight
 
     def new_factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (A, B) in this kind's own shapes, B zero."""
+        """Fresh (A, B) in this kind's own shapes, B zero.
+
+        Args:
+            rank: the adapter's rank.
+        """
         raise NotImplementedError
 
     def factors_2d(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A: r x fan_in, B: fan_out x r) with ``B @ A`` shaped like the base weight."""
+        """The adapter as one linear map, as the forward reads it: (A: r x fan_in,
+        B: fan_out x r) with ``B @ A`` shaped like the flattened base weight
+        (attention: q, k, v's A stacked and B block-diagonal).
+
+        Args:
+            name: an adapter this layer carries.
+        """
         raise NotImplementedError
 
     def split_sites(self, name: str, a: torch.Tensor, b: torch.Tensor) -> list[Factors]:
@@ -198,6 +216,15 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------- adapter state
     def add(self, name: str, rank: int, scale: float, dropout: float, init: str) -> None:
+        """A fresh adapter on this layer (``sb.add_adapter`` validates and calls this).
+
+        Args:
+            name: the adapter's name.
+            rank: its rank.
+            scale: its ``s``.
+            dropout: dropout on its input, 0 for none.
+            init: how A starts (``kaiming``, ``gaussian`` or ``zeros``); B starts at zero.
+        """
         a, b = self.new_factors(rank)
         w = self.base_weight()
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
@@ -213,6 +240,11 @@ class AdapterLayer(nn.Module):
         self.ranks[name] = int(rank)
 
     def remove(self, name: str) -> None:
+        """Drop adapter ``name`` from this layer (``sb.remove_adapter`` calls this).
+
+        Args:
+            name: an adapter this layer carries.
+        """
         for attr in self.adapter_param_names + ("lora_dropout",):
             del getattr(self, attr)[name]
         for attr in self.adapter_meta_names:
@@ -397,6 +429,11 @@ class AdapterLayer(nn.Module):
         self._eval_cache = self._stack_cache = self._cat_cache = None
 
     def set_active(self, pairs: list[tuple[str, float]]) -> None:
+        """The active set of this layer; names it does not carry are skipped.
+
+        Args:
+            pairs: (adapter name, weight) for each active adapter.
+        """
         if self.merged is not None:
             raise MergedError(f"'{self.path}' is merged; unmerge before changing the active set")
         self.active = tuple((n, float(w)) for n, w in pairs if n in self.lora_A)
@@ -404,7 +441,11 @@ class AdapterLayer(nn.Module):
 
     # ----------------------------------------------------------- merging
     def delta_weight(self, pairs: tuple[tuple[str, float], ...]) -> torch.Tensor:
-        """``sum_i w_i s_i B_i A_i`` in the base weight's shape (the merge math, once)."""
+        """``sum_i w_i s_i B_i A_i`` in the base weight's shape (the merge math, once).
+
+        Args:
+            pairs: (adapter name, weight) for each adapter to sum.
+        """
         w = self.base_weight()
         delta = torch.zeros(w.shape[0], w[0].numel(), device=w.device, dtype=torch.float32)
         for name, weight in pairs:
