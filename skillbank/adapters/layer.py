@@ -372,6 +372,8 @@ class AdapterLayer(nn.Module):
         CoDyRA's gates, AdaLoRA's singular values, IncreLoRA's e and DyLoRA's masks
         all have this form. B is re-parameterised (``torch.nn.utils.parametrize``):
         the trained B stays the Parameter ``factor_parameters`` returns, and gates stack.
+        Take gates off before ``copy.deepcopy`` of the model: torch's parametrize shares
+        one generated class between the copies, so removing gates from one breaks the other.
 
         Args:
             name: an adapter this layer carries.
