@@ -276,7 +276,7 @@ class Learner:
         )
 
     def adapter_name(self, task) -> str:
-        sb.adapters.inject.check_name(task.name)
+        sb.check_adapter_name(task.name)
         return task.name
 
     def prepare(self, model: nn.Module, task, bank, name: str) -> None:

@@ -4,11 +4,14 @@ from storage import Hit, Ref, VerifyReport, VersionRecord
 
 from .adapters import (
     AdapterLayer,
+    FactorMap,
+    Factors,
     LoRAConfig,
     active_adapters,
     adapter_layers,
     adapter_names,
     add_adapter,
+    check_adapter_name,
     composed,
     disabled,
     merge,
@@ -25,7 +28,7 @@ from .errors import *  # noqa: F403  (the error family is part of the public sur
 from .errors import __all__ as _errors
 from .fingerprint import Fingerprint, fingerprint
 from .route import Routed, Router, route
-from .skill import Skill, attach
+from .skill import Skill, attach, site_module
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,8 @@ __all__ = [
     "route",
     "disabled",
     "AdapterLayer",
+    "FactorMap",
+    "Factors",
     "Hit",
     "Ref",
     "SkillBank",
@@ -50,7 +55,9 @@ __all__ = [
     "LoRAConfig",
     "Skill",
     "attach",
+    "check_adapter_name",
     "fingerprint",
+    "site_module",
     "active_adapters",
     "adapter_layers",
     "adapter_names",
