@@ -13,6 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from storage.atomic import atomic_path, atomic_write
+
 from .adapters.config import matches
 from .errors import ConfigError, CorruptFile, UnsafeFile
 from .fingerprint import Fingerprint, ModuleSig
@@ -181,6 +183,7 @@ def write_peft(skill: Skill, folder: Path) -> Path:
         "modules_to_save": sorted({k.rpartition(".")[0] for k in skill.head}) or None,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2))
     return folder

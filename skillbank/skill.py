@@ -10,7 +10,6 @@ metadata holds the JSON; nothing is ever pickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save as _save
+
+from storage.atomic import atomic_write
 
 from .adapters.config import LoRAConfig
 from .adapters.inject import adapter_configs, adapter_layers, add_adapter, remove_adapter, walk
@@ -202,18 +203,7 @@ class Skill:
         a skill with NaN/Inf weights is refused before anything is written."""
         path = check_path(path, "skill file path")
         self.check_weights()
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> Skill:

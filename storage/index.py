@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .atomic import atomic_path, atomic_write
 from .errors import InvalidEmbedding
 from .faults import crash_point
 
@@ -134,16 +133,6 @@ def threads_for(n_queries: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def replace_file(path: Path, data: bytes, crash_at: str | None = None) -> None:
-    """Write ``data`` to a temp file beside ``path`` (unique per process and thread),
-    then rename it over ``path``: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    if crash_at is not None:
-        crash_point(crash_at)
-    os.replace(tmp, path)
 
 
 class VectorIndex:
@@ -282,7 +271,8 @@ class VectorIndex:
         """
         directory.mkdir(parents=True, exist_ok=True)
         raw = faiss.serialize_index(self.index).tobytes()
-        replace_file(directory / f"{space}.faiss", raw, crash_at="index.write")
+        with atomic_path(directory / f"{space}.faiss", written="index.write") as tmp:
+            tmp.write_bytes(raw)
         crash_point("index.meta")
         full = {
             **stamp,
@@ -294,7 +284,7 @@ class VectorIndex:
             "pinned": self.pinned,
             "params": self.params.to_dict(),
         }
-        replace_file(directory / f"{space}.json", json.dumps(full).encode())
+        atomic_write(directory / f"{space}.json", json.dumps(full))
         from .ivf import prune
 
         prune(directory, space)  # IVF-PQ bases of an earlier kind, once past their grace

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .blobs import BlobStore, remove_stale, sha256
+from .atomic import remove_stale
+from .blobs import BlobStore, sha256
 from .catalog import Catalog
 from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
 from .errors import InvalidEmbedding
@@ -189,7 +190,7 @@ class Library:
         """
         removed = self.blobs.gc(self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age)
         if not dry_run and self.index_dir.is_dir():
-            remove_stale(self.index_dir.glob(".*.tmp"), time.time() - min_age)
+            remove_stale(self.index_dir.iterdir(), time.time() - min_age)
         return removed
 
     def verify(self) -> VerifyReport:
