@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from storage.errors import (
     BaseMismatch,
+    ConfigError,
     CorruptFile,
     InvalidEmbedding,
     InvalidName,
@@ -13,10 +14,6 @@ from storage.errors import (
     SkillNotFound,
     UnsafeFile,
 )
-
-
-class ConfigError(SkillbankError, ValueError):
-    """An adapter configuration that cannot be applied as given."""
 
 
 class NoTargetMatched(ConfigError):

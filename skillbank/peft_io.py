@@ -18,7 +18,7 @@ from storage.atomic import atomic_path, atomic_write
 from .adapters.config import matches
 from .errors import ConfigError, CorruptFile, UnsafeFile
 from .fingerprint import Fingerprint, ModuleSig
-from .safefile import check_finite, read_safetensors, real_number
+from .safefile import check_finite, json_object, read_safetensors, real_number
 from .skill import Skill, site_module
 
 _PREFIX = "base_model.model."
@@ -58,10 +58,11 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
     if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     try:
-        cfg = json.loads(cfg_path.read_text())
-        assert isinstance(cfg, dict)
-    except Exception:
-        raise CorruptFile(f"{cfg_path} is not a JSON object") from None
+        cfg = json_object(cfg_path.read_bytes())
+    except OSError as e:
+        raise CorruptFile(f"cannot read {cfg_path}: {e.strerror}") from None
+    if cfg is None:
+        raise CorruptFile(f"{cfg_path} is not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(
             f"{folder} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA can become a skill"

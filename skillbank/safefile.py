@@ -70,13 +70,9 @@ def read_safetensors(
         raise UnsafeFile(
             f"{what} declares a {n}-byte header but holds {len(data) - 8} bytes after the length field"
         )
-    try:
-        header = json.loads(data[8 : 8 + n])
-        assert isinstance(header, dict)
-    except Exception:
-        raise CorruptFile(
-            f"{what} has a header that is not a JSON object: not a safetensors file"
-        ) from None
+    header = json_object(data[8 : 8 + n])
+    if header is None:
+        raise CorruptFile(f"{what} has a header that is not a JSON object: not a safetensors file")
     body = len(data) - 8 - n
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -102,6 +98,19 @@ def read_safetensors(
     except Exception as e:
         raise CorruptFile(f"{what} is not a readable safetensors file: {e}") from None
     return tensors, metadata
+
+
+def json_object(text: str | bytes) -> dict | None:
+    """``text`` parsed as a JSON object, or None for anything else, whatever the input.
+
+    Args:
+        text: JSON as text or UTF-8 bytes (possibly hostile: bad UTF-8, deep nesting).
+    """
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; absurdly deep nesting
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:

@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from .atomic import atomic_path, atomic_write
-from .errors import InvalidEmbedding
+from .errors import ConfigError, InvalidEmbedding
 from .faults import crash_point
 
 ROW_BITS = 16
@@ -66,9 +66,9 @@ class IndexParams:
 
     def __post_init__(self) -> None:
         if self.kind not in (None, *KINDS):
-            raise ValueError(f"index kind must be one of {KINDS} or None, got {self.kind!r}")
+            raise ConfigError(f"index kind must be one of {KINDS} or None, got {self.kind!r}")
         if self.threshold < 0 or self.hnsw_m < 2 or self.ef_search < 1:
-            raise ValueError(f"bad index parameters: {self}")
+            raise ConfigError(f"bad index parameters: {self}")
         if (
             self.ivf_threshold < 0
             or (self.nlist is not None and self.nlist < 1)
@@ -78,7 +78,7 @@ class IndexParams:
             or self.rerank < 0
             or self.train_per_list < 39  # FAISS k-means warns below 39 points per centre
         ):
-            raise ValueError(f"bad IVF-PQ parameters: {self}")
+            raise ConfigError(f"bad IVF-PQ parameters: {self}")
 
     def kind_for(self, n: int) -> str:
         if self.kind:
@@ -96,7 +96,10 @@ class IndexParams:
 
 def normalize(vectors: Any, dim: int | None = None) -> np.ndarray:
     """(d,) or (n, d) finite, non-zero vectors -> C-contiguous unit float32 (n, d)."""
-    arr = np.asarray(vectors, dtype=np.float32)
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:  # strings, ragged rows, objects
+        raise InvalidEmbedding(f"an embedding must be an array of numbers: {e}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:

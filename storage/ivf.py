@@ -34,6 +34,7 @@ import faiss
 import numpy as np
 
 from .atomic import atomic_dir, atomic_path, atomic_write, temp_glob
+from .errors import ConfigError
 from .faults import crash_point
 from .index import FLAT, IVFPQ, IndexParams, VectorIndex, stamp_params, version_of
 
@@ -109,7 +110,7 @@ class IVFPQIndex(VectorIndex):
         nlist = min(p.nlist or auto_nlist(n), n)
         m = p.pq_m or auto_m(idx.dim)
         if idx.dim % m:
-            raise ValueError(f"pq_m={m} must divide the dimension {idx.dim}")
+            raise ConfigError(f"pq_m={m} must divide the dimension {idx.dim}")
         quantizer = faiss.IndexFlatL2(idx.dim)
         base = faiss.IndexIVFPQ(quantizer, idx.dim, nlist, m, p.nbits)
         base.referenced_objects = [quantizer]  # the Python side owns the quantizer

@@ -22,7 +22,7 @@ from .atomic import remove_stale
 from .blobs import BlobStore, sha256
 from .catalog import Catalog
 from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
-from .errors import InvalidEmbedding
+from .errors import ConfigError, InvalidEmbedding
 from .index import IndexParams, VectorIndex, normalize, pack_ids, rebuild_params
 from .names import check_name
 
@@ -65,7 +65,7 @@ class Library:
         text = os.fspath(url_or_dir)
         if "://" in text:
             if blobs is None:
-                raise ValueError(f"a catalog URL ({text}) needs blobs= (a shared directory)")
+                raise ConfigError(f"a catalog URL ({text}) needs blobs= (a shared directory)")
             home = Path(blobs).parent
         else:
             home = Path(text)
@@ -297,8 +297,8 @@ class Library:
         if dim is None:
             spaces = sorted(self._space_dims)
             raise InvalidEmbedding(f"no embeddings in space {space!r}; spaces: {spaces}")
-        single = np.asarray(vectors).ndim == 1
         q = normalize(vectors, dim)
+        single = np.ndim(vectors) == 1  # safe now: normalize took it as an array
         allowed = self.catalog.version_ids(where) if where else None
         if allowed is not None and len(allowed) * 4 <= EXACT_BELOW:
             found = self._exact(space, q, k, allowed)
