@@ -92,6 +92,13 @@ class BlobStore:
             return "missing"
         return None if h.hexdigest() == digest else "corrupt"
 
+    def size(self, digest: str) -> int:
+        """Bytes the blob takes on disk (0 if it is missing)."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def delete(self, digest: str) -> bool:
         """Remove a blob; True if it was there."""
         try:

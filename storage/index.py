@@ -37,6 +37,7 @@ ROW_BITS = 16
 MAX_ROWS = 1 << ROW_BITS
 FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
 KINDS = (FLAT, HNSW, IVFPQ)
+AUTO = "auto"  # an offline build that chooses the kind by size and pins nothing
 REBUILD_WASTE = 0.2  # flat/HNSW: rebuild once this fraction of vectors is tombstoned
 
 

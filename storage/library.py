@@ -8,10 +8,11 @@ removed version can never be returned.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,16 @@ from .blobs import BlobStore, sha256
 from .catalog import Catalog
 from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
 from .errors import ConfigError, InvalidEmbedding
-from .index import IndexParams, VectorIndex, normalize, pack_ids, rebuild_params
+from .index import (
+    AUTO,
+    KINDS,
+    IndexParams,
+    VectorIndex,
+    describe,
+    normalize,
+    pack_ids,
+    rebuild_params,
+)
 from .names import check_name
 
 EXACT_BELOW = 4096  # a filter leaving fewer vectors than this is answered exactly
@@ -140,6 +150,10 @@ class Library:
             wait(pending)  # never leave a write running behind an error
         return ref
 
+    def space_dims(self) -> dict[str, int]:
+        """Embedding space -> dimension, for every space that ever held a vector."""
+        return self.catalog.space_dims()
+
     def _dim(self, space: str) -> int | None:
         """Space dimensions never change once set, so a cached copy only grows."""
         if space not in self._space_dims:
@@ -192,6 +206,10 @@ class Library:
         if not dry_run and self.index_dir.is_dir():
             remove_stale(self.index_dir.iterdir(), time.time() - min_age)
         return removed
+
+    def blob_bytes(self, digests: Iterable[str]) -> int:
+        """Bytes the given blobs take on disk (missing ones count 0), e.g. what gc frees."""
+        return sum(self.blobs.size(d) for d in digests)
 
     def verify(self) -> VerifyReport:
         """Re-hash every referenced blob and compare each index with the catalog."""
@@ -256,6 +274,38 @@ class Library:
         with self._lock:
             self._indexes.pop(space, None)
             return self._rebuild(space, params)[0]
+
+    def build_params(self, space: str, kind: str | None = None, **settings: Any) -> IndexParams:
+        """The settings an offline build of ``space`` uses.
+
+        ``kind`` "auto" chooses by size (unpinned), None keeps the pinned kind (and
+        settings) of the index on disk, "flat"/"hnsw"/"ivfpq" pins that kind;
+        ``settings`` override single fields of ``IndexParams`` (nlist, pq_m, ...).
+        """
+        if kind not in (None, AUTO, *KINDS):
+            raise ConfigError(f"index kind {kind!r}: expected {AUTO}, {', '.join(KINDS)}")
+        fields = {f.name for f in dataclasses.fields(IndexParams)} - {"kind"}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ConfigError(f"unknown index setting(s) {unknown}; known: {sorted(fields)}")
+        if kind == AUTO:
+            base = IndexParams()
+        elif kind:
+            base = IndexParams(kind=kind)
+        else:
+            base = rebuild_params(self.index_dir, space, self.params)
+        return dataclasses.replace(base, **settings)
+
+    def index_info(self, space: str) -> dict[str, Any] | None:
+        """What the index cache of ``space`` holds on disk (``storage.index.describe``)
+        plus ``catalog_generation`` and ``fresh`` (it reflects the catalog now); None
+        when there is no cache (it is built on the next search)."""
+        info = describe(self.index_dir, space)
+        if info is None:
+            return None
+        uid, generation = self.catalog.state()
+        fresh = info.get("uid") == uid and info.get("generation") == generation
+        return {**info, "catalog_generation": generation, "fresh": fresh}
 
     def _rebuild(
         self, space: str, params: IndexParams | None = None
