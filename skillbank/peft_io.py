@@ -54,6 +54,12 @@ def _lora_numbers(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict]:
 
 
 def read_peft(folder: Path, name: str | None = None) -> Skill:
+    """A skill from a PEFT LoRA folder, checked like any other untrusted file.
+
+    Args:
+        folder: Holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: The skill's name (default: the folder's).
+    """
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
@@ -145,7 +151,11 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
 def write_peft(skill: Skill, folder: Path) -> Path:
     """A folder ``peft.PeftModel.from_pretrained(model, folder)`` loads with equal outputs.
 
-    Refuses a NaN/Inf skill before creating anything.
+    Refuses a NaN/Inf skill before creating anything; each file is replaced atomically.
+
+    Args:
+        skill: The skill to export (no ``nn.MultiheadAttention`` q/k/v sites).
+        folder: The output folder (created if missing).
     """
     skill.check_weights()
     if any(site != site_module(site) for site in skill.factors):

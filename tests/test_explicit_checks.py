@@ -91,6 +91,15 @@ def test_storage_value_errors_are_in_the_family(tmp_path):
     assert issubclass(sb.ConfigError, ValueError) and sb.ConfigError is sb.errors.ConfigError
 
 
+def test_compose_refuses_options_its_method_does_not_take(vit):
+    from test_bank import make_skill
+
+    _, a = make_skill(vit, "a", 0)
+    with pytest.raises(sb.ConfigError, match="takes no option"):
+        sb.compose([a, a], method="linear", density=0.5)
+    assert sb.compose([a, a], method="ties", density=0.5).ranks == a.ranks
+
+
 def test_no_assert_statements_outside_tests():
     offenders = []
     for package in ("cli", "skillbank", "storage"):
