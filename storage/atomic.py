@@ -105,15 +105,18 @@ def atomic_path(
     fsync_dir(path.parent)
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes | str, *, written: str | None = None
+) -> Path:
     """Replace ``path`` with ``data`` (text is written as UTF-8), durably and atomically.
 
     Args:
-        path: The file to replace.
+        path: The file to replace; its directory must exist.
         data: Its new content.
+        written: Crash point passed once the temp is durable, before the rename.
     """
     path = Path(path)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, written=written) as tmp:
         tmp.write_bytes(data.encode() if isinstance(data, str) else bytes(data))
     return path
 

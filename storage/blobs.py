@@ -1,9 +1,10 @@
 """Content-addressed, deduplicated blob store (sha256, fan-out directories).
 
-A blob is durable before ``put`` returns: written through ``storage.atomic``
-(a temp file in its final directory, fsynced, renamed into place, the directory
-fsynced), so a crash leaves either no blob or the whole blob. Every ``get`` re-hashes, so silent disk
-corruption surfaces as ``CorruptFile`` instead of as a wrong adapter.
+A blob is durable before ``put`` returns: written through ``storage.atomic`` (a
+temp file in its final directory, fsynced, renamed into place, the directory
+fsynced), so a crash leaves either no blob or the whole blob. Every ``get``
+re-hashes, so silent disk corruption surfaces as ``CorruptFile`` instead of as a
+wrong adapter.
 """
 
 from __future__ import annotations

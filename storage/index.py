@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .atomic import atomic_path, atomic_write
+from .atomic import atomic_write
 from .errors import ConfigError, InvalidEmbedding
 from .faults import crash_point
 
@@ -275,8 +275,7 @@ class VectorIndex:
         """
         directory.mkdir(parents=True, exist_ok=True)
         raw = faiss.serialize_index(self.index).tobytes()
-        with atomic_path(directory / f"{space}.faiss", written="index.write") as tmp:
-            tmp.write_bytes(raw)
+        atomic_write(directory / f"{space}.faiss", raw, written="index.write")
         crash_point("index.meta")
         full = {
             **stamp,

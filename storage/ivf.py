@@ -33,7 +33,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .atomic import atomic_dir, atomic_path, atomic_write, temp_glob
+from .atomic import atomic_dir, atomic_write, temp_glob
 from .errors import ConfigError
 from .faults import crash_point
 from .index import FLAT, IVFPQ, IndexParams, VectorIndex, stamp_params, version_of
@@ -219,8 +219,7 @@ class IVFPQIndex(VectorIndex):
         if base is not None and not base.is_dir():
             return
         raw = faiss.serialize_index(self.delta.index).tobytes()
-        with atomic_path(directory / f"{space}.delta.faiss") as tmp:
-            tmp.write_bytes(raw)
+        atomic_write(directory / f"{space}.delta.faiss", raw)
         crash_point("index.meta")
         full = {
             **stamp,
@@ -247,7 +246,7 @@ class IVFPQIndex(VectorIndex):
         return {f: (base / f).stat().st_size for f in FILES}
 
     def _write_base(self, directory: Path, space: str) -> None:
-        """index.faiss, vectors.npy, ids.npy published as one directory (``atomic_dir``); then mapped."""
+        """index.faiss, vectors.npy, ids.npy published as one directory; then mapped."""
         token = uuid.uuid4().hex[:12]
         final = directory / f"{space}.ivfpq-{token}"
         with atomic_dir(final, written="index.write") as tmp:
