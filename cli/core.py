@@ -139,7 +139,7 @@ def command(target: typer.Typer = app, name: str | None = None, **kw: Any) -> Ca
                     raise
                 from sqlalchemy.exc import SQLAlchemyError
 
-                from storage.errors import SkillbankError
+                from skillbank import SkillbankError
 
                 if isinstance(e, (SkillbankError, OSError, SQLAlchemyError)):
                     raise fail(_one_line(e)) from None

@@ -22,7 +22,13 @@ TEXT = "text"
 
 def pre_logits(model: nn.Module, x: torch.Tensor, head: str | None = None) -> torch.Tensor:
     """The features the classifier sees, differentiable: timm's pre-logits when the
-    model has them, else the input of module ``head`` (caught with a hook), else the output."""
+    model has them, else the input of module ``head`` (caught with a hook), else the output.
+
+    Args:
+        model: The backbone (with or without adapters).
+        x: A batch of inputs.
+        head: The path of the classifier module whose input is wanted.
+    """
     if hasattr(model, "forward_head") and hasattr(model, "forward_features"):
         return model.forward_head(model.forward_features(x), pre_logits=True)
     if head is None:
@@ -46,7 +52,17 @@ def features(
     keep_device: bool = False,
 ) -> torch.Tensor:
     """Pooled float features of ``x`` in eval mode, batched (see ``pre_logits``).
-    On the CPU unless ``keep_device``."""
+
+    Args:
+        model: The backbone; its training mode is restored afterwards.
+        x: The inputs, any length.
+        head: The path of the classifier module whose input is wanted.
+        batch_size: Inputs per forward pass.
+        keep_device: Return the features on the model's device instead of the CPU.
+
+    Returns:
+        (len(x), d) float32 features.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -62,7 +78,17 @@ def features(
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:
-    """Plain k-means (k-means++ start, fixed seed): a few centres per task."""
+    """Plain k-means (k-means++ start, fixed seed): a few centres per task.
+
+    Args:
+        x: (n, d) points.
+        k: Number of centres (at most n).
+        iters: Lloyd iterations.
+        seed: Seed of the k-means++ start.
+
+    Returns:
+        (k, d) centres.
+    """
     g = torch.Generator().manual_seed(seed)
     centres = x[torch.randint(len(x), (1,), generator=g)]
     for _ in range(1, k):
@@ -83,6 +109,13 @@ def example_embedding(
 
     Compute it with the adapters off (the frozen base), so every skill's
     embedding lives in the same space.
+
+    Args:
+        model: The frozen backbone.
+        x: Examples of the task (at least one).
+        centres: How many k-means centres to add after the mean.
+        head: The path of the classifier module whose input is pooled.
+        seed: Seed of the k-means start.
     """
     if len(x) == 0:
         raise ConfigError("example_embedding needs at least one example")
@@ -98,6 +131,10 @@ class TextEmbedder:
 
     ``encode`` may be any callable from a list of strings to an (n, d) array,
     for users who bring their own encoder.
+
+    Args:
+        encode: Texts -> (n, d) array; None loads the offline MiniLM package on first use.
+        space: The embedding space its vectors are stored under.
     """
 
     def __init__(
@@ -123,6 +160,11 @@ class TextEmbedder:
         )
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
+        """(n, d) float32 embeddings of ``texts`` (one row for a single string).
+
+        Args:
+            texts: A string or a sequence of strings.
+        """
         if self._encode is None:
             self._encode = self._default()
         texts = [texts] if isinstance(texts, str) else list(texts)

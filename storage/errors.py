@@ -31,6 +31,11 @@ class BaseMismatch(SkillbankError, ValueError):
     """A skill trained on a different base model than the one offered."""
 
 
+class ConfigError(SkillbankError, ValueError):
+    """A setting or argument that cannot be applied as given (index parameters, sort keys,
+    adapter configurations)."""
+
+
 class CorruptFile(SkillbankError, ValueError):
     """A file or blob whose bytes are not what they claim to be."""
 
