@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_bank import make_skill
+from helpers import make_skill
 
 import skillbank as sb
 

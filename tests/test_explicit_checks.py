@@ -92,7 +92,7 @@ def test_storage_value_errors_are_in_the_family(tmp_path):
 
 
 def test_compose_refuses_options_its_method_does_not_take(vit):
-    from test_bank import make_skill
+    from helpers import make_skill
 
     _, a = make_skill(vit, "a", 0)
     with pytest.raises(sb.ConfigError, match="takes no option"):
