@@ -67,7 +67,7 @@ def bench(
     """
     from eval.config import execute, load
 
-    from .core import open_bank, state
+    from .core import open_bank, progress, state
 
     chosen = state().bank
     cfg = load(
@@ -101,7 +101,7 @@ def bench(
                     if cfg.bank == chosen
                     else contextlib.nullcontext(cfg.bank)
                 )
-            execute(cfg, bank=bank)
+            execute(cfg, console=progress(), bank=bank)
     finally:
         distributed.shutdown(created)
 

@@ -270,6 +270,7 @@ def pretrain(
         )
         seconds = time.perf_counter() - t0
         test_acc = _evaluate(model, source_task, dev)
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:  # concurrent pretrainers each write whole files
             save_model(
                 model.cpu(),

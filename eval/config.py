@@ -123,7 +123,7 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
                 f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
                 f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m cli bench`"
             )
-        return _execute(cfg, console or Console(stderr=True), bank)
+        return _execute(cfg, console or Console(stderr=True, log_path=False), bank)
     finally:
         distributed.shutdown(created)
 

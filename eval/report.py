@@ -33,6 +33,7 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
     """``doc`` as JSON at ``path``, atomically: a crash leaves the previous file whole."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, json.dumps(doc, indent=indent))
 
 

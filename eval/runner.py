@@ -32,6 +32,7 @@ import torch.nn as nn
 import skillbank as sb
 from eval import backbones
 from eval.baselines import BASELINES, union
+from eval.describe import describe, describe_all
 from eval.driver import RESULTS, Context, Protocol, open_context, open_run
 from eval.protocol import Score, score_direct, score_routed
 from eval.streams import Stream
@@ -158,8 +159,8 @@ def _run_seed(
         else:
             skill = learner.fit(model, task, bank)
             ref = distributed.on_main(  # one writer; the other ranks wait for its ref
-                lambda task=task, skill=skill: _bank_skill(
-                    bank, stream, learner, task, skill, model, seed, tags
+                lambda task=task, skill=skill, i=i: _bank_skill(
+                    bank, stream, learner, task, skill, model, seed, tags, i
                 )
             )
             router.register(ref, learner.adapter_name(task), skill)
@@ -188,19 +189,28 @@ def _bank_skill(
     model: nn.Module,
     seed: int,
     tags: dict[str, str],
+    index: int,
 ) -> str:
-    """Add a task's skill to the bank with its example embedding (base features); its ref."""
+    """Add a task's skill to the bank with its example embedding (base features); its ref.
+
+    The description says what the skill knows in words (``eval.describe``) and is
+    embedded into the bank's text space when a text encoder is installed, so
+    ``skillbank search "digits 0 and 1"`` finds the skill.
+    """
     with sb.disabled(model):
         emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
+    joint = _schedule(learner) == "joint"
     return str(
         bank.add(
             f"{stream.name}-{learner.name}-s{seed}-{task.name}",
             skill,
             embedding=emb,
-            description=f"{learner.name} skill for {task.name} of {stream.name}",
+            description=describe_all(stream, learner.name)
+            if joint
+            else describe(stream, index, learner.name),
             tags={**tags, "task": task.name},
             learner=learner.name,
-            embed_text=False,
+            embed_text=None,  # embedded when an encoder is installed, skipped otherwise
         )
     )
 
@@ -243,6 +253,20 @@ class RunResult:
         from eval.report import write_results
 
         return write_results({self.learner: self}, out)
+
+
+def task_line(result: RunResult, stream: Stream, i: int) -> str:
+    """One log line for task ``i`` of a learner, over its seeds: accuracy on the tasks seen
+    so far after training it, routing accuracy when routed, and training time."""
+    acc = [float(np.mean(r.R[i + 1][: i + 1])) * 100 for r in result.runs]
+    line = f"{result.learner:<14} task {i + 1}/{len(stream)} {stream[i].name:<16} acc {np.mean(acc):5.1f}"
+    if len(acc) > 1:
+        line += f" ± {np.std(acc):.1f}"
+    routing = [r.routing[i + 1] for r in result.runs if r.routing[i + 1] is not None]
+    if routing:
+        line += f"  routing {np.mean(routing) * 100:5.1f}%"
+    seconds = [r.seconds[i] for r in result.runs]
+    return line + f"  {np.mean(seconds):.1f} s/seed ({len(result.runs)} seeds)"
 
 
 def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module) -> None:
@@ -372,7 +396,6 @@ def _bench(
                 def save(st, key=key):
                     _save_checkpoint(ctx, key, st, ckpt)
 
-                ctx.log(f"{learner.name} seed {seed}")
                 state = run_seed(
                     stream,
                     learner,
@@ -388,6 +411,8 @@ def _bench(
         results[learner.name] = RunResult(
             learner.name, stream.name, stream.scenario, list(ctx.seeds), runs, str(ctx.device)
         )
+        for i in range(len(stream)):
+            ctx.log(task_line(results[learner.name], stream, i))
     ctx.write_results(
         results_doc(results, extra={"run_id": ctx.run_id, "backbone": str(ctx.backbone)}),
         plots=lambda out: plot_all(results, out),

