@@ -180,3 +180,33 @@ def test_full_tuning_skill_carries_the_whole_model(model, stream):
 
     back = sb.Skill.from_bytes(skill.to_bytes())
     torch.testing.assert_close(back.head["head.weight"], model.head.weight.detach())
+
+
+def test_report_prints_the_tables_of_results_json(model, stream, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner.bench(
+        stream,
+        ["simplecil"],
+        backbone=model,
+        bank=tmp_path / "bank",
+        seeds=(0,),
+        device="cpu",
+        out=tmp_path / "run",
+    )
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    cli = CliRunner()
+    out = cli.invoke(app, ["report", str(tmp_path / "run"), "--format", "json"])
+    assert out.exit_code == 0, out.output
+    assert (
+        json.loads(out.output)["learners"]["simplecil"] == doc["learners"]["simplecil"]["metrics"]
+    )
+    md = cli.invoke(app, ["report", str(tmp_path / "run")])
+    acc = doc["learners"]["simplecil"]["metrics"]["acc"]["mean"] * 100
+    assert md.exit_code == 0 and f"| simplecil | {acc:.1f} ± 0.0 |" in md.output
+    missing = cli.invoke(app, ["report", str(tmp_path / "nothing")])
+    assert missing.exit_code == 1 and "no results.json" in missing.output
