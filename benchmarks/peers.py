@@ -112,10 +112,13 @@ def _avalanche_ncm(model: torch.nn.Module, stream) -> np.ndarray:
         return out
 
     R = [_row(model, stream)]
+    seen: dict[int, list[torch.Tensor]] = {}  # a class seen again (domain-IL): one mean of all
     for t in stream:
         f, y = feats[id(t)]
-        ncm.update_class_means_dict(
-            {int(c): F.normalize(f[y == c].mean(0), dim=0) for c in y.unique()}
+        for c in y.unique().tolist():
+            seen.setdefault(c, []).append(f[y == c])
+        ncm.replace_class_means_dict(
+            {c: F.normalize(torch.cat(fs).mean(0), dim=0) for c, fs in seen.items()}
         )
         R.append(row())
     return np.asarray(R)

@@ -25,9 +25,9 @@ from .references import Reference, weights_skill
 UNSEEN = -1e4  # the bias of a class without a prototype: below any cosine logit
 
 
-def class_means(feats: torch.Tensor, y: torch.Tensor) -> dict[int, torch.Tensor]:
-    """The mean feature vector of each class present in ``y``."""
-    return {int(c): feats[y == c].mean(0) for c in y.unique()}
+def class_sums(feats: torch.Tensor, y: torch.Tensor) -> dict[int, tuple[torch.Tensor, int]]:
+    """The summed feature vector and the count of each class present in ``y``."""
+    return {int(c): (feats[y == c].sum(0), int((y == c).sum())) for c in y.unique()}
 
 
 @dataclass
@@ -37,6 +37,7 @@ class SimpleCIL(Reference):
     name: ClassVar[str] = "simplecil"
 
     started: bool = field(default=False, init=False)
+    sums: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, init=False, repr=False)
 
     def head_module(self, model: nn.Module) -> nn.Linear:
         head = model.get_submodule(self.head) if self.head else None
@@ -49,15 +50,18 @@ class SimpleCIL(Reference):
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:
         head = self.head_module(model)
         feats = features(model, task.x_train, head=self.head, batch_size=self.train.batch_size * 4)
-        means = class_means(feats, task.y_train)
+        for c, (total, n) in class_sums(feats, task.y_train).items():
+            old, m = self.sums.get(c, (0.0, 0))
+            self.sums[c] = (total + old, n + m)
         with torch.no_grad():
             if not self.started:  # forget the pretrained classifier: only prototypes predict
                 head.weight.zero_()
                 if head.bias is not None:
                     head.bias.fill_(UNSEEN)
                 self.started = True
-            for c, mu in means.items():
-                head.weight[c] = F.normalize(mu, dim=0).to(head.weight)
+            for c in task.y_train.unique().tolist():
+                total, n = self.sums[c]
+                head.weight[c] = F.normalize(total / n, dim=0).to(head.weight)
                 if head.bias is not None:
                     head.bias[c] = 0.0
         keys = [f"{self.head}.{k}" for k in head.state_dict()]
