@@ -10,7 +10,7 @@ import contextlib
 
 import typer
 
-from . import browse, manage  # noqa: F401  (registration by explicit import)
+from . import browse, manage, report  # noqa: F401  (registration by explicit import)
 from .core import app, command
 
 

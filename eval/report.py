@@ -127,42 +127,50 @@ def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+COLUMNS = (
+    "learner",
+    "ACC",
+    "avg ACC",
+    "forgetting",
+    "BWT",
+    "FWT",
+    "task-IL ACC",
+    "routing",
+    "params/skill",
+    "KiB/skill",
+    "train s",
+)
+
+
+def metric_row(name: str, m: dict[str, Any]) -> list[str]:
+    """One learner's cells under ``COLUMNS``, from its metrics (``learner_metrics`` or results.json)."""
+    return [
+        name,
+        _fmt(m["acc"]),
+        _fmt(m["avg_acc"]),
+        _fmt(m["forgetting"]),
+        _fmt(m["bwt"]),
+        _fmt(m["fwt"]),
+        _fmt(m["acc_task_il"]),
+        _fmt(m["routing"]),
+        _fmt(m["params_per_skill"], 1, 0),
+        _fmt(m["bytes_per_skill"], 1 / 1024),
+        _fmt(m["train_seconds"], 1, 1),
+    ]
+
+
+def title_of(stream: str, scenario: str, seeds: list, device: str) -> str:
+    return f"{stream} ({scenario}-IL), {len(seeds)} seed(s), {device}"
+
+
 def table(results: dict[str, RunResult], title: str | None = None) -> Table:
     """One row per learner: accuracies in percent (mean ± std over seeds), costs."""
     first = next(iter(results.values()))
-    t = Table(
-        title=title
-        or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}"
-    )
-    for col in (
-        "learner",
-        "ACC",
-        "avg ACC",
-        "forgetting",
-        "BWT",
-        "FWT",
-        "task-IL ACC",
-        "routing",
-        "params/skill",
-        "KiB/skill",
-        "train s",
-    ):
+    t = Table(title=title or title_of(first.stream, first.scenario, first.seeds, first.device))
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col == "learner" else "right")
     for name, r in results.items():
-        m = learner_metrics(r)
-        t.add_row(
-            name,
-            _fmt(m["acc"]),
-            _fmt(m["avg_acc"]),
-            _fmt(m["forgetting"]),
-            _fmt(m["bwt"]),
-            _fmt(m["fwt"]),
-            _fmt(m["acc_task_il"]),
-            _fmt(m["routing"]),
-            _fmt(m["params_per_skill"], 1, 0),
-            _fmt(m["bytes_per_skill"], 1 / 1024),
-            _fmt(m["train_seconds"], 1, 1),
-        )
+        t.add_row(*metric_row(name, learner_metrics(r)))
     return t
 
 
