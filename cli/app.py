@@ -10,7 +10,7 @@ import contextlib
 
 import typer
 
-from . import browse, manage  # noqa: F401  (registration by explicit import)
+from . import browse, manage, report  # noqa: F401  (registration by explicit import)
 from .core import app, command
 
 
@@ -75,7 +75,7 @@ def bench(
     """
     from eval.config import execute, load
 
-    from .core import open_bank, state
+    from .core import open_bank, progress, state
 
     chosen = state().bank
     cfg = load(
@@ -111,7 +111,7 @@ def bench(
                     if cfg.bank == chosen
                     else contextlib.nullcontext(cfg.bank)
                 )
-            execute(cfg, bank=bank)
+            execute(cfg, console=progress(), bank=bank)
     finally:
         distributed.shutdown(created)
 

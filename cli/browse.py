@@ -98,7 +98,7 @@ def show(
     ref: str = typer.Argument(..., help="NAME, NAME@VERSION or NAME@ALIAS."), as_json: bool = JSON
 ) -> None:
     """Everything about one version: metadata, per-module ranks, metrics, embeddings, lineage."""
-    from storage.errors import SkillbankError
+    from skillbank import SkillbankError
 
     with open_bank() as bank:
         rec = bank.record(ref)
@@ -107,7 +107,7 @@ def show(
         except SkillbankError as e:  # still show the catalog's view of a damaged blob
             note(f"warning: cannot read the blob of {rec.ref}: {e}")
             skill = None
-        dims = bank.library.catalog.space_dims()
+        dims = bank.spaces()
         tree = render.lineage_dict(str(rec.ref), bank.record)
     sites = [
         {

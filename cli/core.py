@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -49,6 +50,7 @@ class State:
     bank: str = "skills"
     blobs: str | None = None
     debug: bool = False
+    quiet: bool = False
 
 
 _STATE: contextvars.ContextVar[State | None] = contextvars.ContextVar(
@@ -79,11 +81,21 @@ def main(
         show_envvar=True,
         help="Blob directory; required when --bank is a URL.",
     ),
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help="Show full tracebacks on errors and third-party progress output.",
+    ),
+    quiet: bool = typer.Option(
+        False, "--quiet", "-q", help="No progress lines, only results and errors."
+    ),
 ) -> None:
     """Browse and maintain a skill bank from the terminal."""
-    ctx.obj = State(bank=bank, blobs=blobs, debug=debug)
+    ctx.obj = State(bank=bank, blobs=blobs, debug=debug, quiet=quiet)
     _STATE.set(ctx.obj)
+    if debug:
+        logging.basicConfig(level=logging.DEBUG)
+        logging.getLogger("skillbank").setLevel(logging.DEBUG)
 
 
 # ----------------------------------------------------------------- output
@@ -96,6 +108,11 @@ def out() -> Console:
 def err() -> Console:
     """Diagnostics go to stderr so stdout stays one parseable document."""
     return Console(stderr=True, highlight=False)
+
+
+def progress() -> Console:
+    """Progress lines: stderr, timestamped, no source paths; silent under ``--quiet``."""
+    return Console(stderr=True, highlight=False, log_path=False, quiet=state().quiet)
 
 
 def emit_json(doc: Any) -> None:
@@ -139,7 +156,7 @@ def command(target: typer.Typer = app, name: str | None = None, **kw: Any) -> Ca
                     raise
                 from sqlalchemy.exc import SQLAlchemyError
 
-                from storage.errors import SkillbankError
+                from skillbank import SkillbankError
 
                 if isinstance(e, (SkillbankError, OSError, SQLAlchemyError)):
                     raise fail(_one_line(e)) from None

@@ -162,11 +162,8 @@ def rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
 ) -> None:
     """Remove versions from the catalog; their blobs stay until `skillbank gc`."""
-    from storage.names import parse_ref
-
     with open_bank() as bank:
-        name, sel = parse_ref(ref)
-        doomed = [r.ref for r in bank.versions(name)] if sel is None else [bank.record(ref).ref]
+        doomed = bank.resolve(ref)
         listing = ", ".join(str(r) for r in doomed)
         if dry_run:
             note(f"would remove {len(doomed)} version(s): {listing}")
@@ -190,7 +187,7 @@ def gc(
     """Delete blobs no version references."""
     with open_bank() as bank:
         garbage = bank.gc(dry_run=True, min_age=min_age)
-        size = sum(p.stat().st_size for p in map(bank.library.blobs.path, garbage) if p.exists())
+        size = bank.blob_bytes(garbage)
         for d in garbage:
             out().print(Text(d))
         if dry_run or not garbage:
@@ -243,41 +240,29 @@ def verify(as_json: bool = JSON) -> None:
 @command(db_app, name="upgrade")
 def db_upgrade() -> None:
     """Apply pending catalog migrations and print the schema revision."""
-    from storage.session import head_revision, make_engine, migrate, schema_revision
+    from skillbank import SkillBank
 
     st = state()
     if not is_url(st.bank) and not Path(st.bank).exists():
         raise fail(f"no skill bank at {st.bank!r}")
-    engine = make_engine(st.bank)
-    try:
-        before = schema_revision(engine)
-        after = migrate(engine)
-    finally:
-        engine.dispose()
+    before, after = SkillBank.db_upgrade(st.bank)
     note(
         f"schema {before or 'empty'} -> {after}"
         if before != after
         else f"schema already at {after} (head)"
     )
     out().print(Text(after))
-    if after != head_revision():  # pragma: no cover - migrate raises instead
-        raise fail(f"schema {after} is not head {head_revision()}")
 
 
 @command(db_app, name="current")
 def db_current() -> None:
     """Print the catalog's schema revision and the newest this skillbank knows."""
-    from storage.session import head_revision, make_engine, schema_revision
+    from skillbank import SkillBank
 
     st = state()
     if not is_url(st.bank) and not (Path(st.bank) / "catalog.db").is_file():
         raise fail(f"no skill bank at {st.bank!r}")
-    engine = make_engine(st.bank)
-    try:
-        current = schema_revision(engine)
-    finally:
-        engine.dispose()
-    head = head_revision()
+    current, head = SkillBank.db_revision(st.bank)
     note("up to date" if current == head else f"behind head {head}: run `skillbank db upgrade`")
     out().print(Text(current or "empty"))
 
@@ -290,7 +275,7 @@ app.add_typer(index_app, name="index")
 
 
 def _spaces(bank, space: list[str] | None) -> list[str]:
-    known = sorted(bank.library.catalog.space_dims())
+    known = sorted(bank.spaces())
     if not space:
         return known
     unknown = sorted(set(space) - set(known))
@@ -332,16 +317,15 @@ def index_build(
     as_json: bool = JSON,
 ) -> None:
     """Rebuild the index of each space from the catalog now (offline), and save it."""
-    import dataclasses
     import time
 
     import faiss
 
-    from storage.index import KINDS, IndexParams, describe, rebuild_params
+    from skillbank import SkillBank
 
-    if kind not in (None, "auto", *KINDS):
+    if kind not in (None, *SkillBank.INDEX_KINDS):
         raise typer.BadParameter(
-            f"{kind!r}: expected auto, {', '.join(KINDS)}", param_hint="--kind"
+            f"{kind!r}: expected {', '.join(SkillBank.INDEX_KINDS)}", param_hint="--kind"
         )
     given = {
         k: v
@@ -359,36 +343,12 @@ def index_build(
         faiss.omp_set_num_threads(threads)
     rows = []
     with open_bank() as bank:
-        lib = bank.library
         for sp in _spaces(bank, space):
-            base = (
-                IndexParams()
-                if kind == "auto"
-                else (
-                    IndexParams(kind=kind)
-                    if kind
-                    else rebuild_params(lib.index_dir, sp, lib.params)
-                )
-            )
-            try:
-                params = dataclasses.replace(base, **given)
-            except ValueError as e:
-                raise fail(str(e)) from None
             t = time.perf_counter()
-            idx = lib.rebuild_index(sp, params)
+            built = bank.index_build(sp, kind, **given)
             seconds = time.perf_counter() - t
-            info = describe(lib.index_dir, sp) or {}
-            rows.append(
-                {
-                    "space": sp,
-                    "kind": idx.kind,
-                    "vectors": idx.ntotal,
-                    "pinned": idx.pinned,
-                    "bytes": info.get("bytes"),
-                    "seconds": round(seconds, 3),
-                }
-            )
-            note(f"{sp}: {idx.kind} over {idx.ntotal:,} vectors in {seconds:.1f}s")
+            rows.append({"space": sp, **built, "seconds": round(seconds, 3)})
+            note(f"{sp}: {built['kind']} over {built['vectors']:,} vectors in {seconds:.1f}s")
     if as_json:
         emit_json(rows)
         return
@@ -410,23 +370,18 @@ def index_build(
 @command(index_app, name="info")
 def index_info(as_json: bool = JSON) -> None:
     """Kind, size, bytes on disk and catalog stamp of each space's index cache."""
-    from storage.index import describe
-
     with open_bank() as bank:
-        lib = bank.library
-        uid, generation = lib.catalog.state()
+        index_dir = bank.index_dir
         rows = []
-        for sp in _spaces(bank, None):
-            info = describe(lib.index_dir, sp)
+        for sp, info in bank.index_info().items():
             if info is None:
                 rows.append({"space": sp, "kind": None, "state": "none (built on the next search)"})
                 continue
-            fresh = info.get("uid") == uid and info.get("generation") == generation
+            fresh = info.pop("fresh")
             rows.append(
                 {
                     "space": sp,
                     **info,
-                    "catalog_generation": generation,
                     "state": "fresh"
                     if fresh
                     else "behind (caught up or rebuilt on the next search)",
@@ -435,7 +390,7 @@ def index_info(as_json: bool = JSON) -> None:
     if as_json:
         emit_json(rows)
         return
-    table = Table(title=f"index ({lib.index_dir})", title_justify="left")
+    table = Table(title=f"index ({index_dir})", title_justify="left")
     cols = ("space", "kind", "vectors", "bytes", "pinned", "stamp", "state", "settings")
     for col in cols:
         table.add_column(col, justify="right" if col in ("vectors", "bytes", "stamp") else "left")

@@ -193,7 +193,7 @@ def lineage_dict(
     """``{"ref", "parents": [...]}`` down to the roots; a removed parent is marked, a
     version reached twice (diamond) is expanded only once."""
     seen = set() if seen is None else seen
-    from storage.errors import SkillNotFound
+    from skillbank import SkillNotFound
 
     try:
         rec = record_of(ref)

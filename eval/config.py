@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import skillbank as sb
-from eval import streams
+from eval import registry, streams
 from eval.data import digits, mnist
 
 STREAMS = {
@@ -20,30 +20,11 @@ STREAMS = {
 }
 
 
-# What a run measures. ``continual``: learners over a task stream (eval.runner);
-# ``tta``: test-time adaptation over a corruption stream (eval.tta); ``transfer``:
-# few-shot composition of banked skills (eval.transfer). Each protocol has its own
-# default stream and learners; the module named runs it with ``bench_protocol(cfg, bank, console)``.
-PROTOCOLS: dict[str, dict[str, Any]] = {
-    "continual": {"stream": "split-mnist", "learners": ["lora", "finetune", "joint", "frozen"]},
-    "tta": {
-        "stream": "corrupted-mnist",
-        "learners": ["source", "bn_adapt", "tent", "vida"],
-        "module": "eval.tta",
-    },
-    "transfer": {
-        "stream": "composite-mnist",
-        "learners": ["compose", "expand", "output", "lora", "merge", "nearest"],
-        "module": "eval.transfer",
-    },
-}
-
-
 @dataclass
 class BenchConfig:
     """Everything that defines a run; the defaults are the README's main job."""
 
-    protocol: str = "continual"
+    protocol: str = "continual"  # a name in eval.registry.PROTOCOLS
     stream: str | None = None  # default: the protocol's
     tasks: int = 5
     scenario: str = "class"  # for split streams: class | task
@@ -60,7 +41,7 @@ class BenchConfig:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data_seed: int = 0
     # Half of MNIST-5k pretrains the backbone: its features route test samples to
-    # skills (91.9% at 0.5 against 86.7% at 0.3 in our runs), leaving 300 train images per task.
+    # skills better than with a smaller source part, and the other half feeds the tasks.
     source_fraction: float = 0.5
     device: str = "auto"
     bank: str = "skills"
@@ -75,16 +56,15 @@ class BenchConfig:
     # adapted model's confidence (rerank extra adapted forwards per batch).
     router: str | None = None
     rerank: int = 0
+    # Passed to the router: candidates (retrieved before re-scoring), shrink
+    # (mahalanobis covariance), layers (stats), e.g. {"shrink": 0.2}.
+    router_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise sb.ConfigError(
-                f"unknown protocol {self.protocol!r}; choose from {sorted(PROTOCOLS)}"
-            )
-        defaults = PROTOCOLS[self.protocol]
-        self.stream = self.stream or defaults["stream"]
+        defaults = registry.get_protocol(self.protocol)
+        self.stream = self.stream or defaults.stream
         self.learners = (
-            list(self.learners) if self.learners is not None else list(defaults["learners"])
+            list(self.learners) if self.learners is not None else list(defaults.learners)
         )
         if self.protocol == "continual" and self.stream not in STREAMS:
             raise sb.ConfigError(f"unknown stream {self.stream!r}; choose from {sorted(STREAMS)}")
@@ -100,10 +80,13 @@ class BenchConfig:
             raise sb.ConfigError("name at least one learner and one seed")
         if not self.shots or any(s <= 0 for s in self.shots):
             raise sb.ConfigError(f"shots must be positive counts per class, got {self.shots}")
-        from skillbank.routers import ROUTERS
+        from skillbank.routers import check_options
 
-        if self.router is not None and self.router not in ROUTERS:
-            raise sb.ConfigError(f"unknown router {self.router!r}; choose from {sorted(ROUTERS)}")
+        if self.router is not None and self.router not in sb.ROUTERS:
+            raise sb.ConfigError(
+                f"unknown router {self.router!r}; choose from {sorted(sb.ROUTERS)}"
+            )
+        self.router_options = check_options(self.router_options)
         if self.rerank < 0:
             raise sb.ConfigError(f"rerank must be >= 0, got {self.rerank}")
         for name in ("tasks", "rank", "epochs", "batch_size", "nproc"):
@@ -157,53 +140,18 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
                 f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
                 f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m cli bench`"
             )
-        return _execute(cfg, console or Console(stderr=True), bank)
+        return _execute(cfg, console or Console(stderr=True, log_path=False), bank)
     finally:
         distributed.shutdown(created)
 
 
 def _execute(cfg: BenchConfig, console, bank) -> dict:
-    from eval.report import print_table
-    from eval.runner import bench, make_learner
-    from learners import TrainConfig, distributed
+    from learners import distributed
 
-    module = PROTOCOLS[cfg.protocol].get("module")
-    if module is not None:
-        if distributed.is_distributed():
-            raise sb.ConfigError(
-                f"protocol {cfg.protocol!r} runs in one process; only 'continual' uses several"
-            )
-        import importlib
-
-        return importlib.import_module(module).bench_protocol(cfg, bank or cfg.bank, console)
-    train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
-    kwargs = {
-        n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})}
-        for n in cfg.learners
-    }
-    for n in cfg.learners:  # unknown names fail here, before any data is loaded or trained
-        make_learner(n, **kwargs[n])
-    stream = build_stream(cfg)
-    results = bench(
-        stream,
-        list(cfg.learners),
-        backbone=cfg.backbone,
-        bank=bank or cfg.bank,
-        seeds=cfg.seeds,
-        device=cfg.device,
-        out=cfg.out,
-        resume=cfg.resume,
-        pretrain_epochs=cfg.pretrain_epochs,
-        learner_kwargs=kwargs,
-        progress=lambda msg: console.log(msg),
-        router=cfg.router,
-        rerank=cfg.rerank,
-    )
-    if distributed.is_main():
-        print_table(results)
-        console.print(
-            f"results: {Path(cfg.out) / 'results.json'}; plots: {Path(cfg.out)}/*.png; "
-            f"skills in bank {cfg.bank}"
-            + (f"; {distributed.world_size()} processes" if distributed.is_distributed() else "")
+    protocol = registry.get_protocol(cfg.protocol)
+    if distributed.is_distributed() and not protocol.multi_process:
+        several = sorted(repr(p.name) for p in registry.PROTOCOLS.values() if p.multi_process)
+        raise sb.ConfigError(
+            f"protocol {cfg.protocol!r} runs in one process; only {', '.join(several)} uses several"
         )
-    return results
+    return protocol.run(cfg, bank or cfg.bank, console)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from storage.errors import InvalidStream
+from eval.errors import InvalidStream
 
 IMAGE_EXTENSIONS = (
     ".png",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from eval import metrics
+from skillbank.files import atomic_path
 
 if TYPE_CHECKING:
     from eval.runner import RunResult
@@ -23,9 +24,13 @@ def _pyplot():
 
 
 def _save(plt, fig, path: Path) -> Path:
+    """``fig`` to ``path`` atomically (the format from its suffix), then closed."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return path
 
 

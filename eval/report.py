@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from eval import metrics
+from skillbank.files import atomic_write
 
 if TYPE_CHECKING:
     from eval.runner import RunResult
@@ -31,12 +32,9 @@ def stats(values: list[float]) -> dict[str, Any]:
 
 
 def write_json(path: Path, doc: Any, indent: int | None = 2) -> Path:
-    """``doc`` as JSON at ``path``, atomically (temp file beside it, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=indent))
-    tmp.replace(path)
-    return path
+    """``doc`` as JSON at ``path``, atomically: a crash leaves the previous file whole."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(path, json.dumps(doc, indent=indent))
 
 
 def _clean(v: Any) -> Any:
@@ -85,14 +83,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_results(
-    results: dict[str, RunResult], out: str | Path, extra: dict | None = None
-) -> Path:
-    """``results.json`` (R per seed, metrics with mean/std, costs, device, versions) and plots."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def results_doc(results: dict[str, RunResult], extra: dict | None = None) -> dict[str, Any]:
+    """The continual protocol's ``results.json``: R per seed, metrics with mean/std, costs,
+    device, versions, then ``extra`` (e.g. the run id)."""
     first = next(iter(results.values()))
-    doc = {
+    return {
         "stream": first.stream,
         "scenario": first.scenario,
         "device": first.device,
@@ -112,9 +107,16 @@ def write_results(
             for name, r in results.items()
         },
     }
-    write_json(out / "results.json", doc)
+
+
+def write_results(
+    results: dict[str, RunResult], out: str | Path, extra: dict | None = None
+) -> Path:
+    """``results.json`` (``results_doc``) and the plots under ``out``."""
     from eval.plots import plot_all
 
+    out = Path(out)
+    write_json(out / "results.json", results_doc(results, extra))
     plot_all(results, out)
     return out
 
@@ -125,43 +127,55 @@ def _fmt(stat: dict[str, Any], scale: float = 100.0, digits: int = 1) -> str:
     return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
 
 
+COLUMNS = (
+    "learner",
+    "ACC",
+    "avg ACC",
+    "forgetting",
+    "BWT",
+    "FWT",
+    "task-IL ACC",
+    "routing",
+    "params/skill",
+    "KiB/skill",
+    "train s",
+)
+
+
+def metric_row(name: str, m: dict[str, Any]) -> list[str]:
+    """One learner's cells under ``COLUMNS``, from its metrics (``learner_metrics`` or results.json)."""
+    return [
+        name,
+        _fmt(m["acc"]),
+        _fmt(m["avg_acc"]),
+        _fmt(m["forgetting"]),
+        _fmt(m["bwt"]),
+        _fmt(m["fwt"]),
+        _fmt(m["acc_task_il"]),
+        _fmt(m["routing"]),
+        _fmt(m["params_per_skill"], 1, 0),
+        _fmt(m["bytes_per_skill"], 1 / 1024),
+        _fmt(m["train_seconds"], 1, 1),
+    ]
+
+
+def title_of(stream: str, scenario: str, seeds: list, device: str, router: str = "") -> str:
+    return f"{stream} ({scenario}-IL), {len(seeds)} seed(s), {device}" + (
+        f", router {router}" if router else ""
+    )
+
+
 def table(results: dict[str, RunResult], title: str | None = None) -> Table:
     """One row per learner: accuracies in percent (mean ± std over seeds), costs."""
     first = next(iter(results.values()))
     t = Table(
         title=title
-        or f"{first.stream} ({first.scenario}-IL), {len(first.seeds)} seed(s), {first.device}"
-        + (f", router {first.router}" if getattr(first, "router", "") else "")
+        or title_of(first.stream, first.scenario, first.seeds, first.device, first.router)
     )
-    for col in (
-        "learner",
-        "ACC",
-        "avg ACC",
-        "forgetting",
-        "BWT",
-        "FWT",
-        "task-IL ACC",
-        "routing",
-        "params/skill",
-        "KiB/skill",
-        "train s",
-    ):
+    for col in COLUMNS:
         t.add_column(col, justify="left" if col == "learner" else "right")
     for name, r in results.items():
-        m = learner_metrics(r)
-        t.add_row(
-            name,
-            _fmt(m["acc"]),
-            _fmt(m["avg_acc"]),
-            _fmt(m["forgetting"]),
-            _fmt(m["bwt"]),
-            _fmt(m["fwt"]),
-            _fmt(m["acc_task_il"]),
-            _fmt(m["routing"]),
-            _fmt(m["params_per_skill"], 1, 0),
-            _fmt(m["bytes_per_skill"], 1 / 1024),
-            _fmt(m["train_seconds"], 1, 1),
-        )
+        t.add_row(*metric_row(name, learner_metrics(r)))
     return t
 
 

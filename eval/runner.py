@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +32,11 @@ import torch.nn as nn
 import skillbank as sb
 from eval import backbones
 from eval.baselines import BASELINES, union
+from eval.describe import describe, describe_all
+from eval.driver import RESULTS, Context, Protocol, open_context, open_run
 from eval.protocol import Score, score_direct, score_routed
 from eval.streams import Stream
-from learners import Learner, create_learner, distributed, list_learners, resolve_device
+from learners import Learner, create_learner, distributed, list_learners
 
 
 @dataclass
@@ -93,6 +94,7 @@ def run_seed(
     on_task=None,
     router: str = "examples",
     rerank: int = 0,
+    router_options: dict[str, Any] | None = None,
 ) -> SeedRun:
     """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``.
 
@@ -114,6 +116,7 @@ def run_seed(
             on_task=on_task,
             router=router,
             rerank=rerank,
+            router_options=router_options,
         )
 
 
@@ -130,13 +133,16 @@ def _run_seed(
     on_task,
     router: str = "examples",
     rerank: int = 0,
+    router_options: dict[str, Any] | None = None,
 ) -> SeedRun:
     state = state or SeedRun()
     learner = learner.with_train(seed=seed, device=str(device))
     model = copy.deepcopy(base).to(device).eval()
     tags = {"run": run_id, "seed": str(seed), "stream": stream.name}
     where = {"learner": learner.name, **tags}
-    router = sb.Router(model, bank, where=where, router=router, rerank=rerank)
+    router = sb.Router(
+        model, bank, where=where, router=router, rerank=rerank, router_options=router_options
+    )
     skill_of_task: dict[int, str] = {}
     for i, ref in enumerate(state.skills):  # resume: put the finished tasks back
         if not ref:
@@ -164,8 +170,8 @@ def _run_seed(
         else:
             skill = learner.fit(model, task, bank)
             ref = distributed.on_main(  # one writer; the other ranks wait for its ref
-                lambda task=task, skill=skill: _bank_skill(
-                    bank, stream, learner, task, skill, model, seed, tags
+                lambda task=task, skill=skill, i=i: _bank_skill(
+                    bank, stream, learner, task, skill, model, seed, tags, i
                 )
             )
             router.register(ref, learner.adapter_name(task), skill)
@@ -194,21 +200,30 @@ def _bank_skill(
     model: nn.Module,
     seed: int,
     tags: dict[str, str],
+    index: int,
 ) -> str:
     """Add a task's skill to the bank with its example embedding and routing statistics
-    (base features, adapters off); its ref."""
+    (base features, adapters off); its ref.
+
+    The description says what the skill knows in words (``eval.describe``) and is
+    embedded into the bank's text space when a text encoder is installed, so
+    ``skillbank search "digits 0 and 1"`` finds the skill.
+    """
     with sb.disabled(model):
         emb = sb.example_embedding(model, task.x_train, centres=4, seed=seed)
         stats = sb.compute_stats(model, task.x_train, task.y_train)
+    joint = _schedule(learner) == "joint"
     return str(
         bank.add(
             f"{stream.name}-{learner.name}-s{seed}-{task.name}",
             skill,
             embedding=emb,
-            description=f"{learner.name} skill for {task.name} of {stream.name}",
+            description=describe_all(stream, learner.name)
+            if joint
+            else describe(stream, index, learner.name),
             tags={**tags, "task": task.name},
             learner=learner.name,
-            embed_text=False,
+            embed_text=None,  # embedded when an encoder is installed, skipped otherwise
             stats=stats,
         )
     )
@@ -255,6 +270,20 @@ class RunResult:
         return write_results({self.learner: self}, out)
 
 
+def task_line(result: RunResult, stream: Stream, i: int) -> str:
+    """One log line for task ``i`` of a learner, over its seeds: accuracy on the tasks seen
+    so far after training it, routing accuracy when routed, and training time."""
+    acc = [float(np.mean(r.R[i + 1][: i + 1])) * 100 for r in result.runs]
+    line = f"{result.learner:<14} task {i + 1}/{len(stream)} {stream[i].name:<16} acc {np.mean(acc):5.1f}"
+    if len(acc) > 1:
+        line += f" ± {np.std(acc):.1f}"
+    routing = [r.routing[i + 1] for r in result.runs if r.routing[i + 1] is not None]
+    if routing:
+        line += f"  routing {np.mean(routing) * 100:5.1f}%"
+    seconds = [r.seconds[i] for r in result.runs]
+    return line + f"  {np.mean(seconds):.1f} s/seed ({len(result.runs)} seeds)"
+
+
 def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module) -> None:
     """Everything that can be wrong with the input, before any training."""
     if not isinstance(stream, Stream):
@@ -263,25 +292,6 @@ def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module
         backbones.check_name(backbone)
     if len({lr.name for lr in learners}) != len(learners):
         raise sb.ConfigError("each learner may appear once per run")
-
-
-def _prepare_backbone(
-    backbone: str | nn.Module,
-    stream: Stream,
-    device: torch.device,
-    seed: int = 0,
-    epochs: int | None = None,
-) -> nn.Module:
-    if isinstance(backbone, nn.Module):
-        return backbone
-    if stream.source is None:
-        raise sb.ConfigError(
-            f"backbone {backbone!r} by name needs a stream with a source split to pretrain on"
-        )
-    kw = {} if epochs is None else {"epochs": epochs}
-    return backbones.pretrain(
-        backbone, stream.source, seed=seed, device=str(device), num_classes=stream.n_classes, **kw
-    )
 
 
 def run(
@@ -324,78 +334,149 @@ def bench(
     progress=None,
     router: str | None = None,
     rerank: int = 0,
+    router_options: dict[str, Any] | None = None,
 ) -> dict[str, RunResult]:
     """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``.
-    ``router`` (default: the scenario's, ``skillbank.routers.DEFAULT_ROUTERS``) and
-    ``rerank`` set how routed learners find skills."""
+    ``router`` (default: the scenario's, ``skillbank.routers.DEFAULT_ROUTERS``), ``rerank``
+    and ``router_options`` set how routed learners find skills (see ``sb.Router``)."""
+    objs = _learners(learners, learner_kwargs or {})
+    _validate(stream, objs, backbone)
+    out = Path(out) if out is not None else None
+    ckpt = _load_checkpoint(out, resume)
+    with open_context(
+        bank if isinstance(bank, sb.SkillBank) else (bank or "skills"),
+        seeds=seeds,
+        device=device,
+        out=out,
+        backbone=backbone,
+        pretrain_epochs=pretrain_epochs,
+        run_id=ckpt.get("run_id"),  # a resumed run keeps its id
+        progress=progress,
+    ) as ctx:
+        return _bench(
+            ctx, stream, objs, ckpt, router=router, rerank=rerank, router_options=router_options
+        )
+
+
+def bench_protocol(
+    cfg, bank: sb.SkillBank | str | Path | None, console=None
+) -> dict[str, RunResult]:
+    """``skillbank bench`` (the continual protocol): ``bench`` with everything from ``cfg``."""
+    from eval.config import build_stream
+    from eval.report import print_table
+    from learners import TrainConfig
+
+    train = TrainConfig(epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=cfg.device)
+    kwargs = {
+        n: {"train": train, "rank": cfg.rank, **cfg.learner_options.get(n, {})}
+        for n in cfg.learners
+    }
+    objs = _learners(cfg.learners, kwargs)  # unknown names fail here, before any data is loaded
+    stream = build_stream(cfg)
+    _validate(stream, objs, cfg.backbone)
+    out = Path(cfg.out)
+    ckpt = _load_checkpoint(out, cfg.resume)
+    bank = bank if isinstance(bank, sb.SkillBank) else (bank or cfg.bank)
+    with open_run(cfg, bank, console, run_id=ckpt.get("run_id")) as ctx:
+        results = _bench(
+            ctx,
+            stream,
+            objs,
+            ckpt,
+            router=cfg.router,
+            rerank=cfg.rerank,
+            router_options=cfg.router_options,
+        )
+        if distributed.is_main():
+            print_table(results)
+            ctx.console.print(
+                f"results: {out / RESULTS}; plots: {out}/*.png; skills in bank {cfg.bank}"
+                + (
+                    f"; {distributed.world_size()} processes"
+                    if distributed.is_distributed()
+                    else ""
+                )
+            )
+    return results
+
+
+def _learners(specs: list[str | Learner], kwargs: dict[str, dict]) -> list[Learner]:
+    return [
+        make_learner(spec, **kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
+        for spec in specs
+    ]
+
+
+def _bench(
+    ctx: Context,
+    stream: Stream,
+    learners: list[Learner],
+    ckpt: dict,
+    *,
+    router: str | None = None,
+    rerank: int = 0,
+    router_options: dict[str, Any] | None = None,
+) -> dict[str, RunResult]:
+    """The continual protocol in an open run: every learner, every seed; rank 0 writes.
+    ``router`` None is the scenario's default (``skillbank.routers.default_router``)."""
+    from eval.plots import plot_all
+    from eval.report import results_doc
     from skillbank.routers import default_router
 
     router = router or default_router(stream.scenario)
-    learner_kwargs = learner_kwargs or {}
-    objs = [
-        make_learner(spec, **learner_kwargs.get(spec if isinstance(spec, str) else spec.name, {}))
-        for spec in learners
-    ]
-    _validate(stream, objs, backbone)
-    dev = resolve_device(device)
-    own_bank = not isinstance(bank, sb.SkillBank)
-    if own_bank:
-        with distributed.main_first():  # rank 0 creates the catalog and its schema
-            bank = sb.SkillBank.open(bank or "skills")
-    out = Path(out) if out is not None else None
-    ckpt = _load_checkpoint(out, resume)
-    run_id = distributed.broadcast(
-        ckpt.get("run_id") or uuid.uuid4().hex[:12]
-    )  # tags must agree across ranks
-    try:
-        base = _prepare_backbone(backbone, stream, dev, epochs=pretrain_epochs)
-        results: dict[str, RunResult] = {}
-        for learner in objs:
-            runs = []
-            for seed in seeds:
-                key = f"{learner.name}/{seed}"
-                state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
-                if state is None or state.done < len(stream):
 
-                    def save(st, key=key):
-                        _save_checkpoint(out, run_id, key, st, ckpt)
+    base = ctx.pretrained(stream.source, stream.n_classes)
+    results: dict[str, RunResult] = {}
+    for learner in learners:
+        runs = []
+        for seed in ctx.each_seed():
+            key = f"{learner.name}/{seed}"
+            state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
+            if state is None or state.done < len(stream):
 
-                    if progress is not None and distributed.is_main():
-                        progress(f"{learner.name} seed {seed}")
-                    state = run_seed(
-                        stream,
-                        learner,
-                        base,
-                        bank,
-                        seed,
-                        device=dev,
-                        run_id=run_id,
-                        state=state,
-                        on_task=save,
-                        router=router,
-                        rerank=rerank,
-                    )
-                runs.append(state)
-            results[learner.name] = RunResult(
-                learner.name, stream.name, stream.scenario, list(seeds), runs, str(dev), router
-            )
-        if out is not None and distributed.is_main():
-            from eval.report import write_results
+                def save(st, key=key):
+                    _save_checkpoint(ctx, key, st, ckpt)
 
-            write_results(
-                results,
-                out,
-                extra={
-                    "run_id": run_id,
-                    "backbone": str(backbone),
-                    "router": router,
-                    "rerank": rerank,
-                },
-            )
-        return results
-    finally:
-        if own_bank:
-            bank.close()
+                state = run_seed(
+                    stream,
+                    learner,
+                    base,
+                    ctx.bank,
+                    seed,
+                    device=ctx.device,
+                    run_id=ctx.run_id,
+                    state=state,
+                    on_task=save,
+                    router=router,
+                    rerank=rerank,
+                    router_options=router_options,
+                )
+            runs.append(state)
+        results[learner.name] = RunResult(
+            learner.name,
+            stream.name,
+            stream.scenario,
+            list(ctx.seeds),
+            runs,
+            str(ctx.device),
+            router,
+        )
+        for i in range(len(stream)):
+            ctx.log(task_line(results[learner.name], stream, i))
+    ctx.write_results(
+        results_doc(
+            results,
+            extra={
+                "run_id": ctx.run_id,
+                "backbone": str(ctx.backbone),
+                "router": router,
+                "rerank": rerank,
+                "router_options": dict(router_options or {}),
+            },
+        ),
+        plots=lambda out: plot_all(results, out),
+    )
+    return results
 
 
 def _load_checkpoint(out: Path | None, resume: bool) -> dict:
@@ -405,11 +486,16 @@ def _load_checkpoint(out: Path | None, resume: bool) -> dict:
     return {"runs": {}}
 
 
-def _save_checkpoint(out: Path | None, run_id: str, key: str, state: SeedRun, ckpt: dict) -> None:
-    if out is None or not distributed.is_main():
-        return
-    from eval.report import write_json
-
-    ckpt["run_id"] = run_id
+def _save_checkpoint(ctx: Context, key: str, state: SeedRun, ckpt: dict) -> None:
+    ckpt["run_id"] = ctx.run_id
     ckpt.setdefault("runs", {})[key] = {k: getattr(state, k) for k in SeedRun.__dataclass_fields__}
-    write_json(out / "checkpoint.json", ckpt, indent=None)
+    ctx.write_json("checkpoint.json", ckpt, indent=None)
+
+
+PROTOCOL = Protocol(
+    "continual",
+    stream="split-mnist",
+    learners=("lora", "finetune", "joint", "frozen"),
+    run=bench_protocol,
+    multi_process=True,
+)

@@ -33,7 +33,7 @@ from eval.data import (
     make_data,
     mnist,
 )
-from storage.errors import InvalidStream
+from eval.errors import InvalidStream
 
 SCENARIOS = ("class", "task", "domain", "tta")
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -33,15 +32,17 @@ import torch
 import torch.nn as nn
 
 import skillbank as sb
-from eval import backbones, metrics
+from eval import metrics
 from eval.corruptions import corrupt
 from eval.data import ImageData, Task, mnist
-from learners import PSEC, LoRALearner, TrainConfig, resolve_device
+from eval.driver import RESULTS, Context, Protocol, open_run
+from learners import PSEC, LoRALearner, TrainConfig
 from learners.psec import restore, stack_heads
 
 LIBRARY = ("rot90", "noise", "perm", "invert")
 TARGET = ("rot90", "noise")  # the new task combines these two
 METHODS = ("compose", "expand", "output", "lora", "merge", "nearest")
+PLOT = "accuracy_vs_shots.png"
 FEW_SHOT = TrainConfig(steps=200, batch_size=64, lr=3e-3, schedule="cosine")
 
 
@@ -235,112 +236,102 @@ def run_method(
     raise sb.ConfigError(f"unknown transfer method {method!r}; choose from {METHODS}")
 
 
-def bench_protocol(cfg, bank: sb.SkillBank | str, console) -> dict[str, Any]:
-    """Run the transfer protocol of ``cfg`` (an ``eval.config.BenchConfig``)."""
+def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[str, Any]:
+    """Run the transfer protocol of ``cfg`` (an ``eval.config.BenchConfig``); ``bank`` None
+    means ``cfg.bank`` (the library needs one)."""
     unknown = [m for m in cfg.learners if m not in METHODS]
     if unknown:
         raise sb.ConfigError(f"unknown transfer methods {unknown}; choose from {list(METHODS)}")
     if cfg.stream != "composite-mnist":
         raise sb.ConfigError(f"the transfer protocol runs on 'composite-mnist', not {cfg.stream!r}")
-    own = not isinstance(bank, sb.SkillBank)
-    bank = sb.SkillBank.open(bank) if own else bank
-    device = resolve_device(cfg.device)
-    run_id = uuid.uuid4().hex[:8]
+    with open_run(cfg, bank if bank is not None else cfg.bank, console) as ctx:
+        results = _run(ctx)
+        ctx.write_results(results, plots=lambda out: plot_accuracy(results, out / PLOT))
+    ctx.console.print(table(results))
+    ctx.console.print(f"results: {ctx.out / RESULTS}; plot: {ctx.out / PLOT}")
+    return results
+
+
+def _run(ctx: Context) -> dict[str, Any]:
+    """Per seed: the library, then every target, shot count and method on it."""
+    cfg = ctx.cfg
     data = mnist(seed=cfg.data_seed, source_fraction=cfg.source_fraction)
-    base = backbones.pretrain(
-        cfg.backbone,
-        data.source,
-        seed=0,
-        device=str(device),
-        num_classes=len(data.classes),
-        **({} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}),
-    )
+    base = ctx.pretrained(data.source, len(data.classes))
     library_train = TrainConfig(
-        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=str(device)
+        epochs=cfg.epochs, lr=cfg.lr, batch_size=cfg.batch_size, device=str(ctx.device)
     )
     rows = {kind: {m: {s: [] for s in cfg.shots} for m in cfg.learners} for kind in TARGETS}
     alphas: dict[str, list] = {}
-    try:
-        for seed in cfg.seeds:
-            tags = {"run": run_id, "seed": str(seed), "protocol": "transfer"}
-            console.log(f"seed {seed}: library of {len(LIBRARY)} skills")
-            library = build_library(base, data, bank, seed, library_train, cfg.rank, tags)
-            where = {**tags, "role": "library"}
-            for (kind, make), shots, method in itertools.product(
-                TARGETS.items(), cfg.shots, cfg.learners
-            ):
-                task = few_shot(make(data, TARGET, seed + 1000), shots, seed)
-                start = time.perf_counter()
-                acc, info = run_method(
-                    method,
-                    base,
-                    task,
-                    bank,
-                    where,
-                    seed,
-                    cfg.rank,
-                    copy.deepcopy(cfg.learner_options.get(method, {})),
+    for seed in ctx.each_seed(f"library of {len(LIBRARY)} skills"):
+        tags = ctx.tags(seed, protocol="transfer")
+        library = build_library(base, data, ctx.bank, seed, library_train, cfg.rank, tags)
+        where = {**tags, "role": "library"}
+        for (kind, make), shots, method in itertools.product(
+            TARGETS.items(), cfg.shots, cfg.learners
+        ):
+            task = few_shot(make(data, TARGET, seed + 1000), shots, seed)
+            start = time.perf_counter()
+            acc, info = run_method(
+                method,
+                base,
+                task,
+                ctx.bank,
+                where,
+                seed,
+                cfg.rank,
+                copy.deepcopy(cfg.learner_options.get(method, {})),
+            )
+            rows[kind][method][shots].append(acc)
+            if "alpha" in info:
+                names = [{v: k for k, v in library.items()}.get(r, r) for r in info["skills"]]
+                record = {"mean": dict(zip(names, info["alpha"], strict=True))}
+                for group, a in info.get("alpha_by_shift", {}).items():
+                    record[f"on {group} images"] = dict(zip(names, a, strict=True))
+                alphas.setdefault(f"{kind}/{method}/{shots}", []).append(record)
+                ctx.bank.add(
+                    f"transfer-s{seed}-{ctx.run_id}-{kind}-{method}-{shots}shot",
+                    info["skill"],
+                    description=f"PSEC {method} on {task.name}",
+                    embed_text=False,
+                    tags={**tags, "role": method},
+                    learner="psec",
+                    metrics={"accuracy": acc},
                 )
-                rows[kind][method][shots].append(acc)
-                if "alpha" in info:
-                    names = [{v: k for k, v in library.items()}.get(r, r) for r in info["skills"]]
-                    record = {"mean": dict(zip(names, info["alpha"], strict=True))}
-                    for group, a in info.get("alpha_by_shift", {}).items():
-                        record[f"on {group} images"] = dict(zip(names, a, strict=True))
-                    alphas.setdefault(f"{kind}/{method}/{shots}", []).append(record)
-                    bank.add(
-                        f"transfer-s{seed}-{run_id}-{kind}-{method}-{shots}shot",
-                        info["skill"],
-                        description=f"PSEC {method} on {task.name}",
-                        embed_text=False,
-                        tags={**tags, "role": method},
-                        learner="psec",
-                        metrics={"accuracy": acc},
-                    )
-                console.log(
-                    f"seed {seed} {kind} {shots:>2} shots {method:<8} {100 * acc:5.1f}%  "
-                    f"({time.perf_counter() - start:.1f} s)"
-                )
-        results = {
-            "protocol": "transfer",
-            "backbone": cfg.backbone,
-            "seeds": list(cfg.seeds),
-            "library": list(LIBRARY),
-            "target": list(TARGET),
-            "shots": list(cfg.shots),
-            "run_id": run_id,
-            "accuracy": {
-                kind: {m: {str(s): v for s, v in by.items()} for m, by in methods.items()}
-                for kind, methods in rows.items()
-            },
-            "mean_alpha": alphas,
-        }
-        write(results, Path(cfg.out), console)
-        return results
-    finally:
-        if own:
-            bank.close()
+            ctx.log(
+                f"seed {seed} {kind} {shots:>2} shots {method:<8} {100 * acc:5.1f}%  "
+                f"({time.perf_counter() - start:.1f} s)"
+            )
+    return {
+        "protocol": "transfer",
+        "backbone": cfg.backbone,
+        "seeds": list(cfg.seeds),
+        "library": list(LIBRARY),
+        "target": list(TARGET),
+        "shots": list(cfg.shots),
+        "run_id": ctx.run_id,
+        "accuracy": {
+            kind: {m: {str(s): v for s, v in by.items()} for m, by in methods.items()}
+            for kind, methods in rows.items()
+        },
+        "mean_alpha": alphas,
+    }
 
 
-def write(results: dict[str, Any], out: Path, console) -> None:
-    """results.json, the table on ``console`` and accuracy_vs_shots.png."""
+def table(results: dict[str, Any]):
+    """Rich table: accuracy (%) per target, method and shot count, mean ± std over seeds."""
     from rich.table import Table
 
-    from eval.plots import _pyplot, _save
-    from eval.report import write_json
-
-    write_json(out / "results.json", results)
     shots = results["shots"]
-    table = Table(
+    t = Table(
         title=f"few-shot transfer to {' and '.join(results['target'])}: accuracy % (mean ± std over seeds)"
     )
-    table.add_column("target")
-    table.add_column("method")
+    t.add_column("target")
+    t.add_column("method")
     for s in shots:
-        table.add_column(f"{s} shots/class", justify="right")
+        t.add_column(f"{s} shots/class", justify="right")
     for kind, methods in results["accuracy"].items():
         for method, by in methods.items():
-            table.add_row(
+            t.add_row(
                 kind,
                 method,
                 *(
@@ -348,7 +339,14 @@ def write(results: dict[str, Any], out: Path, console) -> None:
                     for s in shots
                 ),
             )
-    console.print(table)
+    return t
+
+
+def plot_accuracy(results: dict[str, Any], path: Path) -> Path:
+    """Accuracy against shots per class, one panel per target, mean ± std over seeds."""
+    from eval.plots import _pyplot, _save
+
+    shots = results["shots"]
     plt = _pyplot()
     fig, axes = plt.subplots(
         1, len(results["accuracy"]), figsize=(5 * len(results["accuracy"]), 3.5), squeeze=False
@@ -369,5 +367,12 @@ def write(results: dict[str, Any], out: Path, console) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_xticks(shots)
         ax.legend(fontsize=8)
-    _save(plt, fig, out / "accuracy_vs_shots.png")
-    console.print(f"results: {out / 'results.json'}; plot: {out / 'accuracy_vs_shots.png'}")
+    return _save(plt, fig, path)
+
+
+PROTOCOL = Protocol(
+    "transfer",
+    stream="composite-mnist",
+    learners=METHODS,
+    run=bench_protocol,
+)

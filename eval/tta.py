@@ -18,10 +18,11 @@ of the same source model when it is close enough (retrieve, then adapt).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import time
-import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ import torch
 import torch.nn as nn
 
 import skillbank as sb
+from eval import backbones
+from eval.driver import RESULTS, Context, Protocol, open_run
 from eval.streams import Stream
 from learners.tta import TTAMethod, create_method, online
 
@@ -191,14 +194,12 @@ def _methods(cfg) -> dict[str, dict[str, Any]]:
 
 
 def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[str, Any]:
-    """``skillbank bench --protocol tta``: every method over the stream for every seed."""
-    from rich.console import Console
+    """``skillbank bench --protocol tta``: every method over the stream for every seed.
 
-    from eval import backbones
+    ``bank`` None runs without one (nothing is banked or retrieved).
+    """
     from eval.config import STREAMS, build_stream
-    from learners import resolve_device
 
-    console = console or Console(stderr=True)
     if len(set(cfg.learners)) != len(cfg.learners):
         raise sb.ConfigError("each method may appear once per run")
     opts = _methods(cfg)
@@ -207,75 +208,70 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
         raise sb.ConfigError(
             f"unknown stream {cfg.stream!r} for the tta protocol; use 'corrupted-mnist'"
         )
-    dev = resolve_device(cfg.device)
     stream = build_stream(cfg)
     if stream.scenario != "tta":
         raise sb.ConfigError(
             f"stream {cfg.stream!r} is not a test-time adaptation stream; use 'corrupted-mnist'"
         )
     stream = shuffled(stream, cfg.data_seed)
-    own = bank is not None and not isinstance(bank, sb.SkillBank)
-    bank = sb.SkillBank.open(bank) if own else bank
+    with open_run(cfg, bank, console) as ctx, _threads(ctx.device):
+        doc = _run(ctx, stream, opts)
+        ctx.write_results(doc, texts={"table.md": markdown(doc) + "\n"}, plots=_plot(doc))
+    ctx.console.print(table(doc))
+    out = ctx.out
+    ctx.console.print(
+        f"results: {out / RESULTS}; table: {out / 'table.md'}; plot: {out / 'tta_error.png'}"
+    )
+    return doc
+
+
+@contextlib.contextmanager
+def _threads(device: torch.device) -> Iterator[None]:
+    """One CPU thread for the run (``SKILLBANK_TTA_THREADS``), the caller's count after."""
     threads = torch.get_num_threads()
-    if dev.type == "cpu":
+    if device.type == "cpu":
         # These models are tiny: per-op threading costs more than it gives, and on a
-        # shared, busy machine 2 threads ran a vit_micro forward 40x slower than 1.
+        # shared, busy machine 2 threads ran a forward many times slower than 1.
         torch.set_num_threads(int(os.environ.get("SKILLBANK_TTA_THREADS", "1")))
-    out = Path(cfg.out)
-    run_id = uuid.uuid4().hex[:12]
-    runs: dict[str, list[TTARun]] = {n: [] for n in cfg.learners}
-    sources: list[dict[str, Any]] = []
     try:
-        for seed in cfg.seeds:
-            kw = {} if cfg.pretrain_epochs is None else {"epochs": cfg.pretrain_epochs}
-            model = backbones.pretrain(
-                cfg.backbone,
-                stream.source,
-                seed=seed,
-                device=str(dev),
-                num_classes=stream.n_classes,
-                **kw,
-            )
-            info = model.pretrain_info
-            sources.append({"seed": seed, "key": info["key"], "clean_test_acc": info["test_acc"]})
-            console.log(
-                f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)"
-            )
-            tags = {
-                "run": run_id,
-                "seed": str(seed),
-                "stream": stream.name,
-                "source": info["key"],
-                "protocol": "tta",
-            }
-            for name in cfg.learners:
-                method = method_for(name, seed, cfg.device, opts[name])
-                t0 = time.perf_counter()
-                run = run_stream(
-                    method,
-                    model,
-                    stream,
-                    batch_size=cfg.batch_size,
-                    bank=bank,
-                    tags={**tags, "method": name},
-                    label=name,
-                )
-                runs[name].append(run)
-                console.log(
-                    f"{name} seed {seed}: mean error {100 * run.mean_error:.1f}% "
-                    f"({time.perf_counter() - t0:.0f} s)"
-                )
-            doc = results_doc(cfg, stream, runs, sources, str(dev), run_id)
-            write(doc, out, plot=False)
+        yield
     finally:
         torch.set_num_threads(threads)
-        if own:
-            bank.close()
-    write(doc, out)
-    console.print(table(doc))
-    console.print(
-        f"results: {out / 'results.json'}; table: {out / 'table.md'}; plot: {out / 'tta_error.png'}"
-    )
+
+
+def _run(ctx: Context, stream: Stream, opts: dict[str, dict[str, Any]]) -> dict:
+    """Every method for every seed from that seed's source model; results after each seed."""
+    cfg = ctx.cfg
+    runs: dict[str, list[TTARun]] = {n: [] for n in cfg.learners}
+    sources: list[dict[str, Any]] = []
+    for seed in ctx.each_seed():
+        model = ctx.pretrained(stream.source, stream.n_classes, seed=seed)
+        info = model.pretrain_info
+        sources.append({"seed": seed, "key": info["key"], "clean_test_acc": info["test_acc"]})
+        ctx.log(
+            f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)"
+        )
+        tags = ctx.tags(seed, stream=stream.name, source=info["key"], protocol="tta")
+        for name in cfg.learners:
+            method = method_for(name, seed, cfg.device, opts[name])
+            t0 = time.perf_counter()
+            run = run_stream(
+                method,
+                model,
+                stream,
+                batch_size=cfg.batch_size,
+                bank=ctx.bank,
+                tags={**tags, "method": name},
+                label=name,
+            )
+            runs[name].append(run)
+            ctx.log(
+                f"{name} seed {seed}: mean error {100 * run.mean_error:.1f}% "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
+        doc = results_doc(cfg, stream, runs, sources, str(ctx.device), ctx.run_id)
+        # after every seed, so a crash keeps the seeds done
+        ctx.write_results(doc, texts={"table.md": markdown(doc) + "\n"})
     return doc
 
 
@@ -320,7 +316,7 @@ def results_doc(
 
 
 def goals(methods: dict[str, Any]) -> dict[str, Any]:
-    """The issue's goals for ViDA, measured (only when ViDA, Tent and source ran)."""
+    """The protocol's goals for ViDA, measured (only when ViDA, Tent and source ran)."""
     if not {"vida", "source"} <= set(methods):  # variants (vida:...) are reported, not judged
         return {}
     v, s = methods["vida"], methods["source"]
@@ -338,13 +334,8 @@ def goals(methods: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write(doc: dict, out: Path, plot: bool = True) -> None:
-    from eval.report import write_json
-
-    write_json(out / "results.json", doc)
-    (out / "table.md").write_text(markdown(doc) + "\n")
-    if plot:
-        plot_errors(doc, out / "tta_error.png")
+def _plot(doc: dict):
+    return lambda out: plot_errors(doc, out / "tta_error.png")
 
 
 def _cols(doc: dict) -> list[str]:
@@ -401,3 +392,11 @@ def plot_errors(doc: dict, path: Path) -> Path:
     ax.set_title(f"{doc['stream']}, online, no reset ({len(doc['seeds'])} seeds)")
     ax.legend(fontsize=8)
     return _save(plt, fig, path)
+
+
+PROTOCOL = Protocol(
+    "tta",
+    stream="corrupted-mnist",
+    learners=("source", "bn_adapt", "tent", "vida"),
+    run=bench_protocol,
+)

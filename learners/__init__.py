@@ -17,10 +17,15 @@ from .base import (
     resolve_device,
     train,
 )
+from .ewc import EWC
 from .increlora import IncreLoRA
+from .lwf import LwF
 from .orthogonal import Orthogonal, subspace_overlap
 from .psec import PSEC
 from .rank_selective import RankSelective
+from .references import Naive, Reference
+from .replay import Replay, ReservoirBuffer
+from .simplecil import SimpleCIL
 from .slicing import select_ranks, truncate
 from .tta import (
     TTA_METHODS,
@@ -44,6 +49,8 @@ def register(cls: type[Learner]) -> type[Learner]:
 
 for _cls in (LoRALearner, RankSelective, Orthogonal, IncreLoRA, PSEC):
     register(_cls)
+for _cls in (Naive, EWC, LwF, Replay, SimpleCIL):  # the field's references (direct learners)
+    register(_cls)
 
 
 def list_learners() -> list[str]:
@@ -66,12 +73,19 @@ __all__ = [
     "REGISTRY",
     "TTA_METHODS",
     "BNAdapt",
+    "EWC",
     "IncreLoRA",
     "Learner",
     "LoRALearner",
+    "LwF",
+    "Naive",
     "Orthogonal",
     "PSEC",
     "RankSelective",
+    "Reference",
+    "Replay",
+    "ReservoirBuffer",
+    "SimpleCIL",
     "SourceOnly",
     "TTAMethod",
     "Tent",

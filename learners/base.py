@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import skillbank as sb
@@ -126,6 +127,8 @@ def train(
     transform=None,
     desc: str = "train",
     groups=None,
+    batch_hook=None,
+    loss_terms=None,
 ) -> list[float]:
     """Train the parameters of ``model`` that require grad; returns the loss per step.
 
@@ -133,22 +136,27 @@ def train(
     ``transform(x) -> x`` augments each batch;
     ``penalty(model) -> tensor`` is added to the loss; ``after_step(model, step,
     total)`` runs after every optimizer step (gradients of that step are still
-    there); ``groups(model, cfg) -> list[dict]`` replaces the LoRA+ optimizer groups. A non-finite loss raises
-    ``TrainingError`` before the step is taken.
+    there); ``groups(model, cfg) -> list[dict]`` replaces the LoRA+ optimizer groups;
+    ``batch_hook(x, y) -> (x, y)`` replaces each batch after ``transform`` (experience
+    replay appends stored samples); ``loss_terms(model, x, y, logits) -> tensor | None``
+    adds a batch-mean term computed from the batch and its logits (LwF's distillation).
+    A non-finite loss raises ``TrainingError`` before the step is taken.
     """
     device = resolve_device(cfg.device)
     model.to(device)
     # Seeded for reproducibility, inside a fork so the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
+        hooks = {"batch_hook": batch_hook, "loss_terms": loss_terms}
         return _train(
-            model, x, y, cfg, device, classes, penalty, after_step, transform, desc, groups
+            model, x, y, cfg, device, classes, penalty, after_step, transform, desc, groups, **hooks
         )
 
 
 def _train(
-    model, x, y, cfg, device, classes, penalty, after_step, transform, desc, make_groups
+    model, x, y, cfg, device, classes, penalty, after_step, transform, desc, make_groups, **hooks
 ) -> list[float]:
+    batch_hook, loss_terms = hooks.get("batch_hook"), hooks.get("loss_terms")
     gen = torch.Generator().manual_seed(cfg.seed)
     if make_groups is not None:
         groups = [g for g in make_groups(model, cfg) if g["params"]]
@@ -180,13 +188,16 @@ def _train(
     losses: list[float] = []
     data = shards(x, y, cfg.batch_size, gen, device)
     world = distributed.world_size()
+    console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TextColumn("loss {task.fields[loss]:.3f}"),
         TimeElapsedColumn(),
-        disable=not (cfg.progress and distributed.is_main()),
+        console=console,
+        # a live bar only on a terminal: redrawn into a log file it leaves blank lines
+        disable=not (cfg.progress and distributed.is_main() and console.is_terminal),
         transient=True,
     ) as bar:
         job = bar.add_task(desc, total=total, loss=float("nan"))
@@ -194,6 +205,10 @@ def _train(
             xb, yb, n = next(data)
             if transform is not None and len(xb):
                 xb = transform(xb)
+            if batch_hook is not None:
+                added = -len(yb)
+                xb, yb = batch_hook(xb, yb)
+                n += (added + len(yb)) * world  # every rank adds as many rows to the global batch
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 if len(yb):
                     logits = model(xb)
@@ -215,6 +230,9 @@ def _train(
                         if len(yb) == n
                         else F.cross_entropy(logits, yb, reduction="sum") / n
                     )
+                    term = loss_terms(model, xb, yb, logits) if loss_terms is not None else None
+                    if term is not None:  # a batch mean: this rank's share, as for the loss
+                        loss = loss + term * (len(yb) / n)
                 else:  # more ranks than rows in a short last batch
                     loss = torch.zeros((), device=device)
                 extra = penalty(model) if penalty is not None else None
@@ -276,7 +294,7 @@ class Learner:
         )
 
     def adapter_name(self, task) -> str:
-        sb.adapters.inject.check_name(task.name)
+        sb.check_adapter_name(task.name)
         return task.name
 
     def prepare(self, model: nn.Module, task, bank, name: str) -> None:
@@ -291,6 +309,20 @@ class Learner:
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict] | None:
         """Optimizer groups; None keeps the LoRA+ groups of ``sb.param_groups``."""
         return None
+
+    def batch_hook(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each training batch, replaced (e.g. stored samples appended); the default keeps it."""
+        return x, y
+
+    def loss_terms(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A batch-mean term added to the loss, from the batch and its logits (none by default)."""
+        return None
+
+    def _overrides(self, hook: str) -> bool:
+        """Whether this learner overrides ``hook``: the loop skips the hooks nobody uses."""
+        return getattr(type(self), hook) is not getattr(Learner, hook)
 
     def abort(self, model: nn.Module, name: str) -> None:
         """Undo what ``prepare`` added beyond the adapter itself (training failed)."""
@@ -323,6 +355,8 @@ class Learner:
                 classes=task.classes if self.mask_logits else None,
                 desc=f"{self.name}:{task.name}",
                 groups=groups,
+                batch_hook=self.batch_hook if self._overrides("batch_hook") else None,
+                loss_terms=self.loss_terms if self._overrides("loss_terms") else None,
             )
             skill = self.finish(model, task, name)
         except Exception:

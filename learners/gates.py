@@ -1,10 +1,10 @@
 """Per-rank multipliers on a live adapter: dW = B diag(g) A.
 
 CoDyRA's gates, AdaLoRA's singular values, IncreLoRA's e and DyLoRA's nested
-rank masks all have this form. Rather than a second adapter layer, B is
-re-parameterised (``torch.nn.utils.parametrize``): the adapter layer keeps
-computing ``s B A x`` and reads ``B diag(gate * mask + bias)``; the gate trains
-beside B when it is a Parameter and is folded into B before the skill is
+rank masks all have this form. Rather than a second adapter layer, each layer
+reads B through a rank gate (``AdapterLayer.add_rank_gate``): the adapter layer
+keeps computing ``s B A x`` and reads ``B diag(gate * mask + bias)``; the gate
+trains beside B when it is a Parameter and is folded into B before the skill is
 saved, so saved skills are plain LoRA factors and need no new layer code.
 """
 
@@ -14,21 +14,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
-import torch.nn.utils.parametrize as P
 
 import skillbank as sb
 from skillbank import AdapterLayer
-
-
-def rank_axis(param: torch.Tensor, factor: str = "B") -> int:
-    """The rank dimension of a layer's own A or B parameter, for every adapter kind.
-
-    Linear: A (r, in), B (out, r); Conv2d: A (r, c, kh, kw), B (out, r, 1, 1);
-    MultiheadAttention: A (3, r, E), B (3, E, r).
-    """
-    if factor == "A":
-        return 1 if param.dim() == 3 else 0
-    return 1 if param.dim() == 4 else param.dim() - 1
 
 
 def per_rank(t: torch.Tensor, axis: int) -> torch.Tensor:
@@ -37,9 +25,10 @@ def per_rank(t: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 class RankScale(nn.Module):
-    """The parametrisation ``B -> B diag(gate * mask + bias)`` along B's rank axis."""
+    """One multiplier per rank, ``gate * mask + bias``: the gate trains (or not), the mask
+    and bias are set by the learner's schedule."""
 
-    def __init__(self, gate: torch.Tensor, axis: int, trainable: bool) -> None:
+    def __init__(self, gate: torch.Tensor, trainable: bool) -> None:
         super().__init__()
         if trainable:
             self.gate = nn.Parameter(gate)
@@ -47,15 +36,9 @@ class RankScale(nn.Module):
             self.register_buffer("gate", gate)
         self.register_buffer("mask", torch.ones_like(gate))
         self.register_buffer("bias", torch.zeros_like(gate))
-        self.axis = axis
 
-    def vector(self) -> torch.Tensor:
+    def forward(self) -> torch.Tensor:
         return self.gate * self.mask + self.bias
-
-    def forward(self, b: torch.Tensor) -> torch.Tensor:
-        shape = [1] * b.dim()
-        shape[self.axis] = -1
-        return b * self.vector().view(shape).to(b.dtype)
 
 
 def add_gates(
@@ -66,42 +49,28 @@ def add_gates(
 ) -> dict[str, RankScale]:
     """Gate every layer carrying adapter ``name``; ``init(layer, rank)`` gives the gate values."""
     gates = {}
-    for layer in sb.adapter_layers(model):
-        if name not in layer.lora_B:
-            continue
-        b = layer.lora_B[name]
-        g = init(layer, layer.ranks[name]).to(device=b.device, dtype=b.dtype)
-        gates[layer.path] = RankScale(g, rank_axis(b), trainable)
-        P.register_parametrization(layer.lora_B, name, gates[layer.path], unsafe=True)
+    for layer in sb.adapter_layers(model, name):
+        _, b = layer.factor_parameters(name)
+        g = init(layer, layer.adapter_rank(name)).to(device=b.device, dtype=b.dtype)
+        gates[layer.path] = RankScale(g, trainable)
+        layer.add_rank_gate(name, gates[layer.path])
     return gates
 
 
-def gated(layer: AdapterLayer, name: str) -> bool:
-    return P.is_parametrized(layer.lora_B, name)
-
-
-def raw_B(layer: AdapterLayer, name: str) -> torch.Tensor:
-    """B as trained (the Parameter under the gate)."""
-    return (
-        layer.lora_B.parametrizations[name].original if gated(layer, name) else layer.lora_B[name]
-    )
-
-
 def remove_gates(model: nn.Module, name: str, fold: bool = True) -> None:
-    """Take the gates off; with ``fold`` B keeps the gated values (B diag(g)), else the raw ones."""
-    for layer in sb.adapter_layers(model):
-        if name in layer.lora_B and gated(layer, name):
-            P.remove_parametrizations(layer.lora_B, name, leave_parametrized=fold)
+    """Take the gates off; with ``fold`` B keeps the gated values (B diag(g)), else the raw ones.
+    Does nothing when the model no longer has the adapter (an aborted run may have removed it)."""
+    if name not in sb.adapter_names(model):
+        return
+    for layer in sb.adapter_layers(model, name):
+        layer.remove_rank_gates(name, fold=fold)
 
 
 def raw_sites(layer: AdapterLayer, name: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(A: r x fan_in, B: fan_out x r) per site from the trained parameters (gates left out);
     attention modules give q, k and v separately."""
-    a, b = layer.lora_A[name], raw_B(layer, name)
-    if a.dim() == 3:
-        yield from zip(a.unbind(0), b.unbind(0), strict=True)
-    else:
-        yield a.flatten(1), b.flatten(1)
+    for f in layer.adapter_factors(name):
+        yield f.matrices()
 
 
 def param_groups(
@@ -117,11 +86,10 @@ def param_groups(
     the sparsity the gates learn)."""
     b_ids, gate_ids = set(), set()
     for layer in sb.adapter_layers(model):
-        for n in layer.lora_B.keys():
-            b_ids.add(id(raw_B(layer, n)))
-            if gated(layer, n):
-                for m in layer.lora_B.parametrizations[n]:
-                    gate_ids.update(id(p) for p in m.parameters())
+        for n in layer.names():
+            b_ids.add(id(layer.factor_parameters(n)[1]))
+            for g in layer.rank_gates(n):
+                gate_ids.update(id(p) for p in g.parameters())
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {

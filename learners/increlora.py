@@ -22,7 +22,7 @@ import torch.nn as nn
 import skillbank as sb
 
 from .base import Learner, TrainConfig
-from .gates import add_gates, param_groups, raw_B, raw_sites, remove_gates
+from .gates import add_gates, param_groups, raw_sites, remove_gates
 from .regularisers import orthogonality
 from .slicing import select_ranks
 
@@ -75,10 +75,9 @@ class IncreLoRA(Learner):
         super().prepare(model, task, bank, name)
         gen = torch.Generator().manual_seed(self.train.seed)
         with torch.no_grad():  # A, B ~ N(0, 0.02), e = 0
-            for layer in sb.adapter_layers(model):
-                if name in layer.lora_A:
-                    for p in layer.adapter_parameters(name):
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            for layer in sb.adapter_layers(model, name):
+                for p in layer.adapter_parameters(name):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         self._adapter, self._ema, self.history = name, {}, []
         self._gates = add_gates(model, name, lambda layer, r: torch.zeros(r))
         self._n = dict.fromkeys(self._gates, 1)
@@ -124,11 +123,7 @@ class IncreLoRA(Learner):
     def after_step(self, model: nn.Module, step: int, total: int) -> None:
         scores = {}
         for layer in self._layers(model):
-            params = (
-                layer.lora_A[self._adapter],
-                raw_B(layer, self._adapter),
-                self._gates[layer.path].gate,
-            )
+            params = (*layer.factor_parameters(self._adapter), self._gates[layer.path].gate)
             now = (
                 sum(float((p * p.grad).abs().sum()) for p in params if p.grad is not None)
                 / self._norm[layer.path]

@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 
 import skillbank as sb
-from skillbank.adapters.kinds import Conv2dAdapter
 
 from .base import Learner
 from .gates import raw_sites
@@ -86,24 +85,21 @@ class Orthogonal(Learner):
             self._attach_from_bank(model, bank, name)
         self._past = [n for n in sb.adapter_names(model) if n != name]
         sb.set_active(model, self._past + [name])
-        layers = [layer for layer in sb.adapter_layers(model) if name in layer.lora_A]
+        layers = sb.adapter_layers(model, name)
         with torch.no_grad():
-            self._old_a = {
-                layer.path: [
-                    torch.cat(
-                        [list(raw_sites(layer, n))[i][0] for n in self._past if n in layer.lora_A]
-                    ).detach()
-                    for i in range(len(list(raw_sites(layer, name))))
-                ]
-                for layer in layers
-                if any(n in layer.lora_A for n in self._past)
-            }
+            self._old_a = {}
+            for layer in layers:
+                past = [list(raw_sites(layer, n)) for n in self._past if layer.has_adapter(n)]
+                if past:  # per site, the past skills' A stacked
+                    self._old_a[layer.path] = [
+                        torch.cat([a for a, _ in site]).detach() for site in zip(*past, strict=True)
+                    ]
             self._old_delta = (
                 {
                     layer.path: [
                         layer.delta_weight(((n, 1.0),)).flatten(1).detach()
                         for n in self._past
-                        if n in layer.lora_A
+                        if layer.has_adapter(n)
                     ]
                     for layer in layers
                 }
@@ -114,30 +110,27 @@ class Orthogonal(Learner):
             self._inflora_init(model, task, layers, name)
 
     def _attach_from_bank(self, model: nn.Module, bank, name: str) -> None:
-        from storage.names import base_id
-
-        paths = [layer.path for layer in sb.adapter_layers(model) if name in layer.lora_A]
-        fp = {
-            p: {k: v for k, v in sig.items() if k != "sha256"}
-            for p, sig in sb.fingerprint(model, paths).to_dict().items()
-        }
-        for rec in bank.list(base_id=base_id(fp), **self.bank_where):
+        paths = [layer.path for layer in sb.adapter_layers(model, name)]
+        base_id = sb.fingerprint(model, paths).base_id()
+        for rec in bank.list(base_id=base_id, **self.bank_where):
             skill = bank.get(str(rec.ref))
             if skill.name not in sb.adapter_names(model):
                 sb.attach(model, skill, activate=False, load_head=False)
         # attaching froze everything but the attached adapter: train the new one (and the head) again
-        for layer in sb.adapter_layers(model):
-            if name in layer.lora_A:
-                for p in layer.adapter_parameters(name):
-                    p.requires_grad_(True)
+        for layer in sb.adapter_layers(model, name):
+            for p in layer.adapter_parameters(name):
+                p.requires_grad_(True)
         if self.head:
             model.get_submodule(self.head).requires_grad_(True)
 
     @torch.no_grad()
     def _inflora_init(self, model: nn.Module, task, layers: list, name: str) -> None:
         """A_t = top-r eigenvectors of the input covariance outside the past span M, / sqrt(3); frozen."""
-        if any(isinstance(layer, Conv2dAdapter) for layer in layers):
-            raise sb.ConfigError("init='inflora' supports linear and attention modules, not Conv2d")
+        if not all(layer.linear_input for layer in layers):
+            raise sb.ConfigError(
+                "init='inflora' supports linear and attention modules (a matrix product on the "
+                "input's last dim), not Conv2d"
+            )
         sums: dict[str, list] = {}
 
         def hook(layer):
@@ -171,10 +164,10 @@ class Orthogonal(Learner):
             m = self._span(layer)
             proj = torch.eye(len(cov), device=cov.device) - (m @ m.T if m is not None else 0)
             vals, vecs = torch.linalg.eigh(proj @ cov @ proj)
-            a = vecs[:, vals.argsort(descending=True)[: layer.ranks[name]]].T / 3**0.5
-            p = layer.lora_A[name]
-            p.copy_(a.expand(3, *a.shape) if p.dim() == 3 else a.reshape(p.shape))
-            p.requires_grad_(False)
+            a = vecs[:, vals.argsort(descending=True)[: layer.adapter_rank(name)]].T / 3**0.5
+            for f in layer.adapter_factors(name):  # every site (q, k, v) reads the same inputs
+                f.copy_(a=a)
+            layer.factor_parameters(name)[0].requires_grad_(False)
 
     def _span(self, layer) -> torch.Tensor | None:
         """Orthonormal basis of past inputs: kept from earlier tasks, else the past A's row space."""
@@ -207,9 +200,7 @@ class Orthogonal(Learner):
     # ------------------------------------------------------------- penalty
     def penalty(self, model: nn.Module) -> torch.Tensor | None:
         terms = []
-        for layer in sb.adapter_layers(model):
-            if self._adapter not in layer.lora_A:
-                continue
+        for layer in sb.adapter_layers(model, self._adapter):
             sites = list(raw_sites(layer, self._adapter))
             if self.lam and self.init == "lora" and layer.path in self._old_a:
                 terms.append(
@@ -221,7 +212,7 @@ class Orthogonal(Learner):
                 )
             if self.pego:
                 a, b = layer.factors_2d(self._adapter)
-                delta = layer.scaling[self._adapter] * (b @ a)
+                delta = layer.adapter_scale(self._adapter) * (b @ a)
                 w0 = layer.base_weight().detach().flatten(1)
                 terms.append(
                     self.pego_weight * pego(w0, delta, self._old_delta.get(layer.path, []))

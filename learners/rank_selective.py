@@ -26,7 +26,7 @@ import torch.nn as nn
 import skillbank as sb
 
 from .base import Learner, TrainConfig
-from .gates import add_gates, param_groups, per_rank, rank_axis, raw_B, raw_sites, remove_gates
+from .gates import add_gates, param_groups, per_rank, raw_sites, remove_gates
 from .regularisers import orthogonality
 from .slicing import select_ranks
 
@@ -90,10 +90,9 @@ class RankSelective(Learner):
             return
         # AdaLoRA: P, Q ~ N(0, 0.02), singular values E = 0 (so dW starts at zero)
         with torch.no_grad():
-            for layer in sb.adapter_layers(model):
-                if name in layer.lora_A:
-                    for p in layer.adapter_parameters(name):
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            for layer in sb.adapter_layers(model, name):
+                for p in layer.adapter_parameters(name):
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         self._gates = add_gates(model, name, lambda layer, r: torch.zeros(r))
 
     def param_groups(self, model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -141,17 +140,13 @@ class RankSelective(Learner):
     def _prune(self, model: nn.Module, step: int, total: int) -> None:
         scores = {}
         for layer in self._layers(model):
-            a, b, e = (
-                layer.lora_A[self._adapter],
-                raw_B(layer, self._adapter),
-                self._gates[layer.path].gate,
-            )
+            a, b = layer.factor_parameters(self._adapter)
+            e = self._gates[layer.path].gate
             s = [
                 self._importance(f"{layer.path}:{k}", p) for k, p in (("A", a), ("B", b), ("E", e))
             ]
-            scores[layer.path] = (
-                s[2] + per_rank(s[0], rank_axis(a, "A")) + per_rank(s[1], rank_axis(b, "B"))
-            )
+            axis_a, axis_b = layer.rank_axes
+            scores[layer.path] = s[2] + per_rank(s[0], axis_a) + per_rank(s[1], axis_b)
         t_i, t_f = int(self.warmup * total), int((1 - self.final) * total)
         if step < t_i or (step % self.delta_t and step != total - 1):
             return

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 import skillbank as sb
-from skillbank.skill import site_module
+from skillbank import site_module
 
 
 def select_ranks(

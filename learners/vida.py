@@ -127,8 +127,10 @@ def augment(x: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor
 
 @dataclass
 class ViDA(GradientMethod):
-    """ViDA: see the module docstring. Defaults follow ALGORITHMS.md (N = 10 views,
-    U = 0.1 * mean variance, threshold 0.05, EMA 0.999, Adam 1e-4 / 1e-5, r_l = 1);
+    """ViDA: see the module docstring. The defaults are the values of the ViDA paper
+    and its official code: N = 10 augmented views, U = 0.1 * mean variance of their
+    logits, threshold 0.05 (the small-image value; 0.2 on ImageNet), teacher EMA 0.999,
+    Adam at 1e-4 for the adapters and 1e-5 for the rest, low rank r_l = 1.
     ``high_rank`` is 16 for the 64-wide vit_micro (r > d/8) and the backbone stays
     frozen by default (so a domain skill is the whole adapted state). On corrupted
     MNIST-5k (seed 0) lr 1e-3 with EMA 0.99, lr 3e-3 with EMA 0.95, and a trained
@@ -371,9 +373,9 @@ class ViDA(GradientMethod):
                 f"skill {skill.name!r} is not a ViDA skill with ranks "
                 f"[{self.low_rank}, {self.high_rank}] (metadata: {info!r})"
             )
-        paths = [layer.path for layer in self._layers if LOW in layer.lora_A]
+        paths = [layer.path for layer in sb.adapter_layers(self.model, LOW)]
         diff = skill.fingerprint.first_difference(sb.fingerprint(self.model, paths), strict=False)
-        if diff or set(map(sb.skill.site_module, skill.factors)) != set(paths):
+        if diff or set(map(sb.site_module, skill.factors)) != set(paths):
             raise sb.BaseMismatch(
                 f"skill {skill.name!r} does not fit this model ({diff or 'different sites'})"
             )
@@ -386,12 +388,15 @@ class ViDA(GradientMethod):
                 with torch.no_grad():
                     layer.set_factors(
                         LOW,
-                        {s: (a[:r], b[:, :r] / layer.scaling[LOW]) for s, (a, b) in pieces.items()},
+                        {
+                            s: (a[:r], b[:, :r] / layer.adapter_scale(LOW))
+                            for s, (a, b) in pieces.items()
+                        },
                     )
                     layer.set_factors(
                         HIGH,
                         {
-                            s: (a[r:], b[:, r:] / layer.scaling[HIGH])
+                            s: (a[r:], b[:, r:] / layer.adapter_scale(HIGH))
                             for s, (a, b) in pieces.items()
                         },
                     )

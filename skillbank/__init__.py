@@ -4,11 +4,14 @@ from storage import Hit, Ref, VerifyReport, VersionRecord
 
 from .adapters import (
     AdapterLayer,
+    FactorMap,
+    Factors,
     LoRAConfig,
     active_adapters,
     adapter_layers,
     adapter_names,
     add_adapter,
+    check_adapter_name,
     composed,
     disabled,
     merge,
@@ -27,7 +30,7 @@ from .fingerprint import Fingerprint, fingerprint
 from .route import Routed, Router, route
 from .route_stats import MissingStats, RouteStats, compute_stats
 from .routers import ROUTERS
-from .skill import Skill, attach
+from .skill import Skill, attach, site_module
 
 __version__ = "0.1.0"
 
@@ -42,6 +45,8 @@ __all__ = [
     "compute_stats",
     "disabled",
     "AdapterLayer",
+    "FactorMap",
+    "Factors",
     "Hit",
     "Ref",
     "SkillBank",
@@ -56,7 +61,9 @@ __all__ = [
     "LoRAConfig",
     "Skill",
     "attach",
+    "check_adapter_name",
     "fingerprint",
+    "site_module",
     "active_adapters",
     "adapter_layers",
     "adapter_names",

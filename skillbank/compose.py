@@ -9,6 +9,7 @@ forms a d_out x d_in matrix except TIES (whose trimming is defined on entries).
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 
@@ -32,6 +33,11 @@ def linear(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Fac
 
     Cheap and rank-preserving, but cross terms B_i A_j make it an approximation of
     the sum of deltas unless the skills share A; needs equal ranks per site.
+
+    Args:
+        parts: (skill, weight) of every skill that adapts ``site``.
+        site: The site key (``blocks.0.attn.qkv``, ``attn[q]``).
+        rank: Ignored (the rank is the skills' own).
     """
     ranks = {s.factors[site][0].shape[0] for s, _ in parts}
     if len(ranks) > 1:
@@ -49,7 +55,13 @@ def linear(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Fac
 
 
 def cat(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Factor:
-    """Exact weighted sum of deltas as stacked factors (rank = sum of ranks)."""
+    """Exact weighted sum of deltas as stacked factors (rank = sum of ranks).
+
+    Args:
+        parts: (skill, weight) of every skill that adapts ``site``.
+        site: The site key (``blocks.0.attn.qkv``, ``attn[q]``).
+        rank: Ignored (the rank is the sum of the skills' ranks).
+    """
     pairs = [_scaled(s, site, w) for s, w in parts]
     return torch.cat([a for a, _ in pairs]), torch.cat([b for _, b in pairs], dim=1)
 
@@ -59,6 +71,11 @@ def svd(parts: list[tuple[Skill, float]], site: str, rank: int | None) -> Factor
 
     With B_cat = Qb Rb and A_cat^T = Qa Ra the sum is Qb (Rb Ra^T) Qa^T, so only
     an R x R matrix (R = sum of ranks) is decomposed.
+
+    Args:
+        parts: (skill, weight) of every skill that adapts ``site``.
+        site: The site key (``blocks.0.attn.qkv``, ``attn[q]``).
+        rank: The rank wanted for the result (None: the largest input rank).
     """
     a_cat, b_cat = cat(parts, site, None)
     qb, rb = torch.linalg.qr(b_cat)
@@ -76,6 +93,12 @@ def ties(
     average the agreeing entries; then factorise at ``rank`` by SVD.
 
     With a single skill there is nothing to resolve and the delta passes whole.
+
+    Args:
+        parts: (skill, weight) of every skill that adapts ``site``.
+        site: The site key (``blocks.0.attn.qkv``, ``attn[q]``).
+        rank: The rank wanted for the result (None: the largest input rank).
+        density: The fraction of each delta's entries kept by the trim.
     """
     deltas = [b @ a for a, b in (_scaled(s, site, w) for s, w in parts)]
     if len(deltas) > 1:
@@ -113,6 +136,17 @@ def compose(
     The skills must come from the same base (their fingerprints agree wherever
     they overlap); a site only some skills adapt takes the others as zero. Heads
     are not composed. The result records its sources in ``metadata["parents"]``.
+
+    Args:
+        skills: The skills to merge (at least one).
+        weights: One finite weight per skill (default: equal, summing to 1).
+        method: A name in ``COMPOSE``: "linear", "cat", "svd" or "ties".
+        rank: The result's rank where the method truncates (svd, ties).
+        name: The result's name (default: method and source names).
+        **options: Options of the method (e.g. ``density`` for "ties").
+
+    Returns:
+        A new skill (scales folded into the factors) at the first skill's dtype.
     """
     if method not in COMPOSE:
         raise ConfigError(f"unknown composition method {method!r}; choose from {sorted(COMPOSE)}")
@@ -137,6 +171,10 @@ def compose(
                 )
             modules.setdefault(path, sig)
     fn = COMPOSE[method]
+    try:
+        inspect.signature(fn).bind([], "", rank, **options)
+    except TypeError:
+        raise ConfigError(f"composition {method!r} takes no option(s) {sorted(options)}") from None
     factors, scales = {}, {}
     for site in sorted({s for skill in skills for s in skill.factors}):
         parts = [(s, w) for s, w in zip(skills, weights, strict=True) if site in s.factors]

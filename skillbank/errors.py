@@ -4,19 +4,17 @@ from __future__ import annotations
 
 from storage.errors import (
     BaseMismatch,
+    ConfigError,
     CorruptFile,
     InvalidEmbedding,
     InvalidName,
+    MissingBlob,
     SchemaError,
     SkillbankError,
     SkillExists,
     SkillNotFound,
     UnsafeFile,
 )
-
-
-class ConfigError(SkillbankError, ValueError):
-    """An adapter configuration that cannot be applied as given."""
 
 
 class NoTargetMatched(ConfigError):
@@ -51,6 +49,7 @@ __all__ = [
     "InvalidEmbedding",
     "InvalidName",
     "MergedError",
+    "MissingBlob",
     "NoTargetMatched",
     "SchemaError",
     "SkillExists",

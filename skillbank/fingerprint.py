@@ -9,8 +9,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from storage.names import base_id as _base_id
+
 from .adapters.inject import walk
 from .adapters.layer import AdapterLayer
+from .errors import MergedError
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,16 @@ class Fingerprint:
             }
         )
 
+    def structure(self) -> dict:
+        """``to_dict`` without weight hashes: what the catalog compares bases by."""
+        return {
+            p: {k: v for k, v in sig.items() if k != "sha256"} for p, sig in self.to_dict().items()
+        }
+
+    def base_id(self) -> str:
+        """The catalog's id of this base (``SkillBank.list(base_id=...)`` filters by it)."""
+        return _base_id(self.structure())
+
     def digest(self) -> str:
         """Hash of the structure (paths, kinds, shapes): equal for the same architecture."""
         core = {p: [s.kind, list(s.shape)] for p, s in sorted(self.modules.items())}
@@ -52,6 +65,10 @@ class Fingerprint:
 
         Unknown fields (a dtype or hash the skill did not record) are not compared;
         ``strict=False`` compares kind and shape only.
+
+        Args:
+            actual: the fingerprint of the model to check.
+            strict: also compare dtypes and weight hashes where both sides have them.
         """
         for path, want in sorted(self.modules.items()):
             have = actual.modules.get(path)
@@ -73,13 +90,19 @@ def _weight(module: nn.Module) -> torch.Tensor:
 def fingerprint(
     model: nn.Module, paths: list[str] | None = None, hash_weights: bool = False
 ) -> Fingerprint:
-    """Fingerprint of ``paths`` (default: every adapted module) of ``model``."""
+    """Fingerprint of ``paths`` (default: every adapted module) of ``model``.
+
+    Args:
+        model: the model (unmerged).
+        paths: module paths to include; None for every adapted module.
+        hash_weights: record a sha256 of each base weight (slow on large models).
+    """
     mods = {}
     for site in walk(model):
         module = site.module
         if isinstance(module, AdapterLayer):
             if module.merged is not None:
-                raise RuntimeError(
+                raise MergedError(
                     "fingerprint of a merged model would hash merged weights; unmerge first"
                 )
             module = module.base

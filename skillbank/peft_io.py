@@ -13,10 +13,12 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from storage.atomic import atomic_path, atomic_write
+
 from .adapters.config import matches
 from .errors import ConfigError, CorruptFile, UnsafeFile
 from .fingerprint import Fingerprint, ModuleSig
-from .safefile import check_finite, read_safetensors, real_number
+from .safefile import check_finite, json_object, read_safetensors, real_number
 from .skill import Skill, site_module
 
 _PREFIX = "base_model.model."
@@ -52,14 +54,21 @@ def _lora_numbers(cfg: dict, cfg_path: Path) -> tuple[int, float, dict, dict]:
 
 
 def read_peft(folder: Path, name: str | None = None) -> Skill:
+    """A skill from a PEFT LoRA folder, checked like any other untrusted file.
+
+    Args:
+        folder: Holds ``adapter_config.json`` and ``adapter_model.safetensors``.
+        name: The skill's name (default: the folder's).
+    """
     cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
     if not cfg_path.is_file():
         raise ConfigError(f"{folder} is not a PEFT adapter folder (no adapter_config.json)")
     try:
-        cfg = json.loads(cfg_path.read_text())
-        assert isinstance(cfg, dict)
-    except Exception:
-        raise CorruptFile(f"{cfg_path} is not a JSON object") from None
+        cfg = json_object(cfg_path.read_bytes())
+    except OSError as e:
+        raise CorruptFile(f"cannot read {cfg_path}: {e.strerror}") from None
+    if cfg is None:
+        raise CorruptFile(f"{cfg_path} is not a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise ConfigError(
             f"{folder} holds a PEFT {cfg.get('peft_type')!r} adapter; only LORA can become a skill"
@@ -142,7 +151,11 @@ def read_peft(folder: Path, name: str | None = None) -> Skill:
 def write_peft(skill: Skill, folder: Path) -> Path:
     """A folder ``peft.PeftModel.from_pretrained(model, folder)`` loads with equal outputs.
 
-    Refuses a NaN/Inf skill before creating anything.
+    Refuses a NaN/Inf skill before creating anything; each file is replaced atomically.
+
+    Args:
+        skill: The skill to export (no ``nn.MultiheadAttention`` q/k/v sites).
+        folder: The output folder (created if missing).
     """
     skill.check_weights()
     if any(site != site_module(site) for site in skill.factors):
@@ -181,6 +194,7 @@ def write_peft(skill: Skill, folder: Path) -> Path:
         "modules_to_save": sorted({k.rpartition(".")[0] for k in skill.head}) or None,
     }
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    with atomic_path(folder / "adapter_model.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write(folder / "adapter_config.json", json.dumps(config, indent=2))
     return folder

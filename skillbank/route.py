@@ -28,7 +28,7 @@ from .bank import SkillBank
 from .embed import features
 from .errors import ConfigError
 from .route_stats import route_features
-from .routers import make_router
+from .routers import check_options, make_router
 from .skill import Skill, attach
 
 
@@ -79,7 +79,7 @@ class Router:
         if rerank < 0:
             raise ConfigError(f"rerank must be >= 0, got {rerank}")
         self.rerank = rerank
-        self.router = make_router(router, bank, where, space=space, **dict(router_options or {}))
+        self.router = make_router(router, bank, where, space=space, **check_options(router_options))
         self._skills: dict[str, tuple[str, Skill]] = {}
 
     def register(self, ref: str, adapter: str, skill: Skill) -> None:

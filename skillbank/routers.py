@@ -220,13 +220,30 @@ ROUTERS: dict[str, type[BaseRouter]] = {
 }
 
 
+#: What ``router_options`` may set (``BaseRouter``'s keywords; ``space`` is the Router's own).
+ROUTER_OPTIONS = ("candidates", "shrink", "layers")
+
+
+def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Router options as keywords; names no router takes are a ConfigError, not a TypeError."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(f"router options must be a mapping, got {type(options).__name__}")
+    unknown = sorted(set(options) - set(ROUTER_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown router options {unknown}; known: {list(ROUTER_OPTIONS)}")
+    return dict(options)
+
+
 def make_router(
     name: str, bank: SkillBank, where: Mapping[str, Any] | None = None, **options: Any
 ) -> BaseRouter:
     """A router by name (see ``ROUTERS``)."""
     if name not in ROUTERS:
         raise ConfigError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
-    return ROUTERS[name](bank, where, **options)
+    space = options.pop("space", None)
+    return ROUTERS[name](bank, where, space=space, **check_options(options))
 
 
 # The runner's default per scenario, chosen from the measurements in the README.
@@ -241,7 +258,9 @@ def default_router(scenario: str) -> str:
 __all__ = [
     "DEFAULT_ROUTERS",
     "ROUTERS",
+    "ROUTER_OPTIONS",
     "BaseRouter",
+    "check_options",
     "default_router",
     "make_router",
 ]

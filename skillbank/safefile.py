@@ -53,7 +53,12 @@ def _refuse_pickle(data: bytes, what: str) -> None:
 def read_safetensors(
     source: bytes | str | Path, what: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file or bytes, checked before loading."""
+    """(tensors, metadata) of a safetensors file or bytes, checked before loading.
+
+    Args:
+        source: The file's path or its bytes.
+        what: How errors name the source (default: the path, or "the data").
+    """
     if isinstance(source, (str, Path)):
         what = what or str(source)
         try:
@@ -70,13 +75,9 @@ def read_safetensors(
         raise UnsafeFile(
             f"{what} declares a {n}-byte header but holds {len(data) - 8} bytes after the length field"
         )
-    try:
-        header = json.loads(data[8 : 8 + n])
-        assert isinstance(header, dict)
-    except Exception:
-        raise CorruptFile(
-            f"{what} has a header that is not a JSON object: not a safetensors file"
-        ) from None
+    header = json_object(data[8 : 8 + n])
+    if header is None:
+        raise CorruptFile(f"{what} has a header that is not a JSON object: not a safetensors file")
     body = len(data) - 8 - n
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -104,7 +105,26 @@ def read_safetensors(
     return tensors, metadata
 
 
+def json_object(text: str | bytes) -> dict | None:
+    """``text`` parsed as a JSON object, or None for anything else, whatever the input.
+
+    Args:
+        text: JSON as text or UTF-8 bytes (possibly hostile: bad UTF-8, deep nesting).
+    """
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; absurdly deep nesting
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse (``CorruptFile``) a floating tensor holding NaN or Inf.
+
+    Args:
+        tensors: Name -> tensor.
+        what: How the error names their source.
+    """
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise CorruptFile(f"{what}: tensor {key!r} contains NaN or Inf")
@@ -112,7 +132,12 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 
 def check_path(path: str | os.PathLike[str], what: str = "path") -> Path:
     """A user-given file path as a ``Path``; a NUL byte (which the OS would truncate
-    at, or Python reject with a bare ValueError) is refused with a clear error."""
+    at, or Python reject with a bare ValueError) is refused with a clear error.
+
+    Args:
+        path: The path as given.
+        what: How the error names it.
+    """
     text = os.fspath(path)
     if "\x00" in (text if isinstance(text, str) else text.decode(errors="replace")):
         raise InvalidName(f"{what} {text!r} contains a NUL byte")
@@ -120,7 +145,13 @@ def check_path(path: str | os.PathLike[str], what: str = "path") -> Path:
 
 
 def real_number(value: object, what: str, *, positive_int: bool = False) -> float | int:
-    """A finite JSON number (an int > 0 if asked); strings and bools are not numbers here."""
+    """A finite JSON number (an int > 0 if asked); strings and bools are not numbers here.
+
+    Args:
+        value: The value read from JSON.
+        what: How the error names it.
+        positive_int: Require an int greater than zero.
+    """
     if positive_int:
         if type(value) is not int or value <= 0:
             raise CorruptFile(f"{what} must be a positive integer, got {value!r}")

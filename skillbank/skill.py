@@ -10,7 +10,6 @@ metadata holds the JSON; nothing is ever pickled.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import save as _save
+
+from storage.atomic import atomic_write
 
 from .adapters.config import LoRAConfig
 from .adapters.inject import adapter_configs, adapter_layers, add_adapter, remove_adapter, walk
@@ -34,12 +35,30 @@ _SITE = re.compile(r"(.*?)(\[[qkv]\])?")
 
 
 def site_module(site: str) -> str:
-    """The module path a site key belongs to (``attn[q]`` -> ``attn``)."""
+    """The module path a site key belongs to (``attn[q]`` -> ``attn``).
+
+    Args:
+        site: A key of ``Skill.factors``.
+    """
     return _SITE.fullmatch(site).group(1)
 
 
 @dataclass
 class Skill:
+    """One task's adapter as plain data.
+
+    Args:
+        name: The skill's own name (a bank may store it under another).
+        factors: Site -> (A: r x fan_in, B: fan_out x r).
+        scales: Site -> the scale applied to ``B @ A``.
+        config: The ``LoRAConfig`` (as a dict) that made the factors.
+        fingerprint: The base model's modules the factors fit.
+        head: Head parameters by their path in the model.
+        embeddings: Space -> task embedding rows, stored with the skill.
+        metadata: Free JSON (learner, parents, source, ...).
+        extras: Tensors a learner needs beyond factors and head.
+    """
+
     name: str
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scales: dict[str, float]
@@ -69,7 +88,11 @@ class Skill:
         )
 
     def delta(self, site: str) -> torch.Tensor:
-        """The dense update ``scale * B @ A`` of one site, shaped (fan_out, fan_in)."""
+        """The dense update ``scale * B @ A`` of one site, shaped (fan_out, fan_in).
+
+        Args:
+            site: A key of ``factors``.
+        """
         a, b = self.factors[site]
         return self.scales[site] * (b.float() @ a.float())
 
@@ -83,7 +106,14 @@ class Skill:
         hash_weights: bool = False,
         metadata: dict | None = None,
     ) -> Skill:
-        """Snapshot adapter ``name`` (and its config's head) from a live model."""
+        """Snapshot adapter ``name`` (and its config's head) from a live model.
+
+        Args:
+            model: The model carrying the adapter.
+            name: The adapter to snapshot.
+            hash_weights: Also fingerprint the base weights' sha256 (strict attach).
+            metadata: Free JSON to keep with the skill.
+        """
         configs = adapter_configs(model)
         if name not in configs:
             raise AdapterNotFound(f"no adapter named {name!r}; the model has {sorted(configs)}")
@@ -115,6 +145,7 @@ class Skill:
 
     # --------------------------------------------------------------- files
     def to_bytes(self) -> bytes:
+        """The skill as one safetensors file (the JSON header in its metadata)."""
         tensors = {}
         for site, (a, b) in self.factors.items():
             tensors[f"A:{site}"], tensors[f"B:{site}"] = a.contiguous(), b.contiguous()
@@ -138,6 +169,12 @@ class Skill:
 
     @classmethod
     def from_bytes(cls, data: bytes, what: str = "skill") -> Skill:
+        """A skill from untrusted bytes, checked (header, shapes, finite weights) before use.
+
+        Args:
+            data: A safetensors file written by ``to_bytes``.
+            what: How errors name the source.
+        """
         tensors, meta = read_safetensors(data, what)
         if "skillbank" not in meta:
             raise CorruptFile(
@@ -198,25 +235,23 @@ class Skill:
             real_number(scale, f"{what}: scale of site {site!r} (NaN or Inf?)")
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically (temp file, fsync, rename) so a crash never leaves half a skill;
-        a skill with NaN/Inf weights is refused before anything is written."""
+        """Write atomically (``storage.atomic``) so a crash never leaves half a skill;
+        a skill with NaN/Inf weights is refused before anything is written.
+
+        Args:
+            path: The file to write (its directory must exist); an existing one is replaced.
+        """
         path = check_path(path, "skill file path")
         self.check_weights()
-        data = self.to_bytes()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> Skill:
+        """A skill from a file ``save`` wrote (checked as untrusted input).
+
+        Args:
+            path: The skill's safetensors file.
+        """
         path = check_path(path, "skill file path")
         if not path.is_file():
             raise CorruptFile(f"no skill file at {path}")
@@ -224,11 +259,22 @@ class Skill:
 
     @classmethod
     def from_peft(cls, path: str | Path, name: str | None = None) -> Skill:
+        """A skill from a Hugging Face PEFT LoRA folder (safetensors only).
+
+        Args:
+            path: The PEFT folder.
+            name: The skill's name (default: the folder's).
+        """
         from .peft_io import read_peft
 
         return read_peft(check_path(path, "PEFT folder"), name)
 
     def to_peft(self, path: str | Path) -> Path:
+        """Write a PEFT LoRA folder that ``PeftModel.from_pretrained`` loads.
+
+        Args:
+            path: The folder (created if missing).
+        """
         from .peft_io import write_peft
 
         return write_peft(self, check_path(path, "PEFT folder"))
@@ -282,8 +328,19 @@ def attach(
     """Add ``skill`` to ``model`` as adapter ``name`` (default: the skill's name) with its weights.
 
     Refuses (BaseMismatch, naming the first differing module) a model the skill
-    was not trained on; with ``strict=False`` only kinds and shapes must agree.
-    On any error the model is left as it was.
+    was not trained on. On any error the model is left as it was.
+
+    Args:
+        model: The base model.
+        skill: The skill to attach.
+        name: The adapter's name (default: the skill's).
+        strict: Also compare base weight hashes when the skill has them; False
+            checks only module kinds and shapes.
+        load_head: Copy the skill's head parameters into the model.
+        activate: Make the new adapter active.
+
+    Returns:
+        The adapter's name.
     """
     name = name or skill.name
     modules = skill.fingerprint.modules

@@ -12,6 +12,7 @@ from typing import Any
 from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
 from .errors import (
     BaseMismatch,
+    ConfigError,
     CorruptFile,
     InvalidEmbedding,
     InvalidName,
@@ -35,6 +36,7 @@ __all__ = [
     "BaseMismatch",
     "BlobStore",
     "Catalog",
+    "ConfigError",
     "CorruptFile",
     "Hit",
     "IndexParams",

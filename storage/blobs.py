@@ -1,9 +1,10 @@
 """Content-addressed, deduplicated blob store (sha256, fan-out directories).
 
-A blob is durable before ``put`` returns: written to a temp file in its final
-directory, fsynced, renamed into place, and the directory fsynced, so a crash
-leaves either no blob or the whole blob. Every ``get`` re-hashes, so silent disk
-corruption surfaces as ``CorruptFile`` instead of as a wrong adapter.
+A blob is durable before ``put`` returns: written through ``storage.atomic`` (a
+temp file in its final directory, fsynced, renamed into place, the directory
+fsynced), so a crash leaves either no blob or the whole blob. Every ``get``
+re-hashes, so silent disk corruption surfaces as ``CorruptFile`` instead of as a
+wrong adapter.
 """
 
 from __future__ import annotations
@@ -15,25 +16,15 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .atomic import atomic_path, is_temp, remove_stale
 from .errors import CorruptFile, MissingBlob
 from .faults import crash_point
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-_TMP_PREFIX = ".tmp-"
 
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def check_digest(digest: str) -> str:
@@ -72,21 +63,11 @@ class BlobStore:
             os.utime(final)  # refresh the age so a concurrent gc grace period protects it
             return digest
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{_TMP_PREFIX}{final.name[:16]}-{os.getpid()}-{time.monotonic_ns()}"
-        try:
-            with open(tmp, "wb") as fh:
-                view, half = memoryview(data), len(data) // 2
-                fh.write(view[:half])
-                crash_point("blob.write")
-                fh.write(view[half:])
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        crash_point("blob.renamed")
-        _fsync_dir(final.parent)
+        with atomic_path(final, renamed="blob.renamed") as tmp, open(tmp, "wb") as fh:
+            view, half = memoryview(data), len(data) // 2
+            fh.write(view[:half])
+            crash_point("blob.write")
+            fh.write(view[half:])
         return digest
 
     def get(self, digest: str) -> bytes:
@@ -112,6 +93,13 @@ class BlobStore:
             return "missing"
         return None if h.hexdigest() == digest else "corrupt"
 
+    def size(self, digest: str) -> int:
+        """Bytes the blob takes on disk (0 if it is missing)."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return 0
+
     def delete(self, digest: str) -> bool:
         """Remove a blob; True if it was there."""
         try:
@@ -133,7 +121,7 @@ class BlobStore:
     def _temps(self) -> Iterator[Path]:
         for sub in self.root.iterdir():
             if sub.is_dir():
-                yield from (f for f in sub.iterdir() if f.name.startswith(_TMP_PREFIX))
+                yield from (f for f in sub.iterdir() if is_temp(f))
 
     def gc(
         self, referenced: Iterable[str], dry_run: bool = False, min_age: float = 0.0
@@ -162,13 +150,3 @@ class BlobStore:
         if not dry_run:
             remove_stale(self._temps(), cutoff)
         return removed
-
-
-def remove_stale(paths, cutoff: float) -> None:
-    """Delete the temp files a killed writer left, if older than ``cutoff`` (epoch seconds)."""
-    for tmp in list(paths):
-        try:
-            if tmp.stat().st_mtime <= cutoff:
-                tmp.unlink()
-        except FileNotFoundError:
-            pass

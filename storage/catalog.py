@@ -122,11 +122,7 @@ class Catalog:
         """
         name = check_name(name)
         tag_items = [check_tag(k, v) for k, v in (new.tags or {}).items()]
-        embeddings = dict(embeddings or {})
-        for space, vecs in embeddings.items():
-            check_name(space)
-            if not 0 < len(vecs) <= MAX_ROWS:
-                raise InvalidEmbedding(f"space {space!r}: 1..{MAX_ROWS} vectors per version")
+        embeddings = _checked_vectors(embeddings)
         base = dict(new.base or {})
         fields = dict(
             digest=digest,
@@ -409,7 +405,7 @@ class Catalog:
 
         A version's statistics never change once set: refused when it has some, or
         already has vectors in one of ``embeddings``' spaces."""
-        embeddings = dict(embeddings or {})
+        embeddings = _checked_vectors(embeddings)
         with session_scope(self.engine, write=True) as s:
             row = self._resolve(s, ref)
             out = Ref(row.skill.name, row.version)
@@ -441,6 +437,16 @@ class Catalog:
         with session_scope(self.engine) as s:
             found = read_stats(s, ids)
         return {ref: found.get(v) for v, ref in names.items()}
+
+
+def _checked_vectors(embeddings: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A version's vectors by space: space names checked, 1..MAX_ROWS rows each."""
+    embeddings = dict(embeddings or {})
+    for space, vecs in embeddings.items():
+        check_name(space)
+        if not 0 < len(vecs) <= MAX_ROWS:
+            raise InvalidEmbedding(f"space {space!r}: 1..{MAX_ROWS} vectors per version")
+    return embeddings
 
 
 __all__ = ["Catalog"]

@@ -31,6 +31,11 @@ class BaseMismatch(SkillbankError, ValueError):
     """A skill trained on a different base model than the one offered."""
 
 
+class ConfigError(SkillbankError, ValueError):
+    """A setting or argument that cannot be applied as given (index parameters, sort keys,
+    adapter configurations)."""
+
+
 class CorruptFile(SkillbankError, ValueError):
     """A file or blob whose bytes are not what they claim to be."""
 
@@ -49,7 +54,3 @@ class InvalidEmbedding(SkillbankError, ValueError):
 
 class MissingBlob(CorruptFile):
     """A blob the catalog references but the blob store no longer holds."""
-
-
-class InvalidStream(SkillbankError, ValueError):
-    """Task or stream data that cannot be trained on (empty, bad labels, bad shapes)."""

@@ -20,8 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,13 +29,15 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import InvalidEmbedding
+from .atomic import atomic_write
+from .errors import ConfigError, InvalidEmbedding
 from .faults import crash_point
 
 ROW_BITS = 16
 MAX_ROWS = 1 << ROW_BITS
 FLAT, HNSW, IVFPQ = "flat", "hnsw", "ivfpq"
 KINDS = (FLAT, HNSW, IVFPQ)
+AUTO = "auto"  # an offline build that chooses the kind by size and pins nothing
 REBUILD_WASTE = 0.2  # flat/HNSW: rebuild once this fraction of vectors is tombstoned
 
 
@@ -67,9 +67,9 @@ class IndexParams:
 
     def __post_init__(self) -> None:
         if self.kind not in (None, *KINDS):
-            raise ValueError(f"index kind must be one of {KINDS} or None, got {self.kind!r}")
+            raise ConfigError(f"index kind must be one of {KINDS} or None, got {self.kind!r}")
         if self.threshold < 0 or self.hnsw_m < 2 or self.ef_search < 1:
-            raise ValueError(f"bad index parameters: {self}")
+            raise ConfigError(f"bad index parameters: {self}")
         if (
             self.ivf_threshold < 0
             or (self.nlist is not None and self.nlist < 1)
@@ -79,7 +79,7 @@ class IndexParams:
             or self.rerank < 0
             or self.train_per_list < 39  # FAISS k-means warns below 39 points per centre
         ):
-            raise ValueError(f"bad IVF-PQ parameters: {self}")
+            raise ConfigError(f"bad IVF-PQ parameters: {self}")
 
     def kind_for(self, n: int) -> str:
         if self.kind:
@@ -97,7 +97,10 @@ class IndexParams:
 
 def normalize(vectors: Any, dim: int | None = None) -> np.ndarray:
     """(d,) or (n, d) finite, non-zero vectors -> C-contiguous unit float32 (n, d)."""
-    arr = np.asarray(vectors, dtype=np.float32)
+    try:
+        arr = np.asarray(vectors, dtype=np.float32)
+    except (TypeError, ValueError) as e:  # strings, ragged rows, objects
+        raise InvalidEmbedding(f"an embedding must be an array of numbers: {e}") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -134,16 +137,6 @@ def threads_for(n_queries: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def replace_file(path: Path, data: bytes, crash_at: str | None = None) -> None:
-    """Write ``data`` to a temp file beside ``path`` (unique per process and thread),
-    then rename it over ``path``: readers see the old file or the new, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    if crash_at is not None:
-        crash_point(crash_at)
-    os.replace(tmp, path)
 
 
 class VectorIndex:
@@ -282,7 +275,7 @@ class VectorIndex:
         """
         directory.mkdir(parents=True, exist_ok=True)
         raw = faiss.serialize_index(self.index).tobytes()
-        replace_file(directory / f"{space}.faiss", raw, crash_at="index.write")
+        atomic_write(directory / f"{space}.faiss", raw, written="index.write")
         crash_point("index.meta")
         full = {
             **stamp,
@@ -294,7 +287,7 @@ class VectorIndex:
             "pinned": self.pinned,
             "params": self.params.to_dict(),
         }
-        replace_file(directory / f"{space}.json", json.dumps(full).encode())
+        atomic_write(directory / f"{space}.json", json.dumps(full))
         from .ivf import prune
 
         prune(directory, space)  # IVF-PQ bases of an earlier kind, once past their grace

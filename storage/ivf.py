@@ -33,8 +33,10 @@ from typing import Any
 import faiss
 import numpy as np
 
+from .atomic import atomic_dir, atomic_write, temp_glob
+from .errors import ConfigError
 from .faults import crash_point
-from .index import FLAT, IVFPQ, IndexParams, VectorIndex, replace_file, stamp_params, version_of
+from .index import FLAT, IVFPQ, IndexParams, VectorIndex, stamp_params, version_of
 
 MIN_BASE = 1024  # fewer vectors than this: everything stays in the exact delta
 DELTA_CAP = 100_000  # rebuild once the delta holds more than max(MIN_BASE, min(base, this))
@@ -57,14 +59,6 @@ def auto_m(dim: int) -> int:
     """Bytes per PQ code: the largest divisor of ``dim`` up to min(64, dim/4)."""
     cap = max(1, min(64, dim // 4))
     return max(m for m in range(1, cap + 1) if dim % m == 0)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _random_access(arr: np.ndarray) -> None:
@@ -116,7 +110,7 @@ class IVFPQIndex(VectorIndex):
         nlist = min(p.nlist or auto_nlist(n), n)
         m = p.pq_m or auto_m(idx.dim)
         if idx.dim % m:
-            raise ValueError(f"pq_m={m} must divide the dimension {idx.dim}")
+            raise ConfigError(f"pq_m={m} must divide the dimension {idx.dim}")
         quantizer = faiss.IndexFlatL2(idx.dim)
         base = faiss.IndexIVFPQ(quantizer, idx.dim, nlist, m, p.nbits)
         base.referenced_objects = [quantizer]  # the Python side owns the quantizer
@@ -225,7 +219,7 @@ class IVFPQIndex(VectorIndex):
         if base is not None and not base.is_dir():
             return
         raw = faiss.serialize_index(self.delta.index).tobytes()
-        replace_file(directory / f"{space}.delta.faiss", raw)
+        atomic_write(directory / f"{space}.delta.faiss", raw)
         crash_point("index.meta")
         full = {
             **stamp,
@@ -242,7 +236,7 @@ class IVFPQIndex(VectorIndex):
             "pinned": self.pinned,
             "params": self.params.to_dict(),
         }
-        replace_file(directory / f"{space}.json", json.dumps(full).encode())
+        atomic_write(directory / f"{space}.json", json.dumps(full))
         self._prune(directory, space)
 
     def base_bytes(self, directory: Path, space: str) -> dict[str, int]:
@@ -252,12 +246,10 @@ class IVFPQIndex(VectorIndex):
         return {f: (base / f).stat().st_size for f in FILES}
 
     def _write_base(self, directory: Path, space: str) -> None:
-        """index.faiss, vectors.npy, ids.npy into a temp dir, fsynced, renamed; then mapped."""
+        """index.faiss, vectors.npy, ids.npy published as one directory; then mapped."""
         token = uuid.uuid4().hex[:12]
-        tmp = directory / f".{space}.ivfpq-{token}.building"
         final = directory / f"{space}.ivfpq-{token}"
-        tmp.mkdir()
-        try:
+        with atomic_dir(final, written="index.write") as tmp:
             old = self.base_dir(self.home, space) if self.home is not None else None
             if old is not None and old.is_dir():  # saving into another directory: copy
                 for f in FILES:
@@ -266,13 +258,6 @@ class IVFPQIndex(VectorIndex):
                 faiss.write_index(self.base, str(tmp / "index.faiss"))
                 np.save(tmp / "vectors.npy", self.base_vectors)
                 np.save(tmp / "ids.npy", self.base_ids)
-            for f in FILES:
-                _fsync(tmp / f)
-            crash_point("index.write")
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         self._map(final)
         self.token, self.home = token, directory
 
@@ -333,7 +318,8 @@ def prune(directory: Path, space: str, keep: Path | None = None) -> None:
     cutoff = time.time() - BASE_GRACE
     for path in [
         *directory.glob(f"{space}.ivfpq-*"),
-        *directory.glob(f".{space}.ivfpq-*.building"),
+        *directory.glob(temp_glob(f"{space}.ivfpq-")),  # builds a killed process left
+        *directory.glob(f".{space}.ivfpq-*.building"),  # the same, from earlier releases
     ]:
         try:
             if path != keep and path.is_dir() and path.stat().st_mtime < cutoff:

@@ -8,21 +8,32 @@ removed version can never be returned.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .blobs import BlobStore, remove_stale, sha256
+from .atomic import remove_stale
+from .blobs import BlobStore, sha256
 from .catalog import Catalog
 from .entities import Hit, NewVersion, Ref, VerifyReport, VersionRecord
-from .errors import InvalidEmbedding
-from .index import IndexParams, VectorIndex, normalize, pack_ids, rebuild_params
+from .errors import ConfigError, InvalidEmbedding
+from .index import (
+    AUTO,
+    KINDS,
+    IndexParams,
+    VectorIndex,
+    describe,
+    normalize,
+    pack_ids,
+    rebuild_params,
+)
 from .names import check_name
 
 EXACT_BELOW = 4096  # a filter leaving fewer vectors than this is answered exactly
@@ -64,7 +75,7 @@ class Library:
         text = os.fspath(url_or_dir)
         if "://" in text:
             if blobs is None:
-                raise ValueError(f"a catalog URL ({text}) needs blobs= (a shared directory)")
+                raise ConfigError(f"a catalog URL ({text}) needs blobs= (a shared directory)")
             home = Path(blobs).parent
         else:
             home = Path(text)
@@ -142,6 +153,10 @@ class Library:
             wait(pending)  # never leave a write running behind an error
         return ref
 
+    def space_dims(self) -> dict[str, int]:
+        """Embedding space -> dimension, for every space that ever held a vector."""
+        return self.catalog.space_dims()
+
     def _dim(self, space: str) -> int | None:
         """Space dimensions never change once set, so a cached copy only grows."""
         if space not in self._space_dims:
@@ -214,8 +229,12 @@ class Library:
         """
         removed = self.blobs.gc(self.catalog.referenced_digests(), dry_run=dry_run, min_age=min_age)
         if not dry_run and self.index_dir.is_dir():
-            remove_stale(self.index_dir.glob(".*.tmp"), time.time() - min_age)
+            remove_stale(self.index_dir.iterdir(), time.time() - min_age)
         return removed
+
+    def blob_bytes(self, digests: Iterable[str]) -> int:
+        """Bytes the given blobs take on disk (missing ones count 0), e.g. what gc frees."""
+        return sum(self.blobs.size(d) for d in digests)
 
     def verify(self) -> VerifyReport:
         """Re-hash every referenced blob and compare each index with the catalog."""
@@ -281,6 +300,38 @@ class Library:
             self._indexes.pop(space, None)
             return self._rebuild(space, params)[0]
 
+    def build_params(self, space: str, kind: str | None = None, **settings: Any) -> IndexParams:
+        """The settings an offline build of ``space`` uses.
+
+        ``kind`` "auto" chooses by size (unpinned), None keeps the pinned kind (and
+        settings) of the index on disk, "flat"/"hnsw"/"ivfpq" pins that kind;
+        ``settings`` override single fields of ``IndexParams`` (nlist, pq_m, ...).
+        """
+        if kind not in (None, AUTO, *KINDS):
+            raise ConfigError(f"index kind {kind!r}: expected {AUTO}, {', '.join(KINDS)}")
+        fields = {f.name for f in dataclasses.fields(IndexParams)} - {"kind"}
+        unknown = sorted(set(settings) - fields)
+        if unknown:
+            raise ConfigError(f"unknown index setting(s) {unknown}; known: {sorted(fields)}")
+        if kind == AUTO:
+            base = IndexParams()
+        elif kind:
+            base = IndexParams(kind=kind)
+        else:
+            base = rebuild_params(self.index_dir, space, self.params)
+        return dataclasses.replace(base, **settings)
+
+    def index_info(self, space: str) -> dict[str, Any] | None:
+        """What the index cache of ``space`` holds on disk (``storage.index.describe``)
+        plus ``catalog_generation`` and ``fresh`` (it reflects the catalog now); None
+        when there is no cache (it is built on the next search)."""
+        info = describe(self.index_dir, space)
+        if info is None:
+            return None
+        uid, generation = self.catalog.state()
+        fresh = info.get("uid") == uid and info.get("generation") == generation
+        return {**info, "catalog_generation": generation, "fresh": fresh}
+
     def _rebuild(
         self, space: str, params: IndexParams | None = None
     ) -> tuple[VectorIndex, int, int]:
@@ -321,8 +372,8 @@ class Library:
         if dim is None:
             spaces = sorted(self._space_dims)
             raise InvalidEmbedding(f"no embeddings in space {space!r}; spaces: {spaces}")
-        single = np.asarray(vectors).ndim == 1
         q = normalize(vectors, dim)
+        single = np.ndim(vectors) == 1  # safe now: normalize took it as an array
         allowed = self.catalog.version_ids(where) if where else None
         if allowed is not None and len(allowed) * 4 <= EXACT_BELOW:
             found = self._exact(space, q, k, allowed)

@@ -10,6 +10,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Select, func, or_, select
 
+from .errors import ConfigError
 from .models import SkillRow, TagRow, VersionRow
 from .names import like_pattern
 
@@ -68,7 +69,7 @@ def list_statement(
 ) -> Select[tuple[VersionRow]]:
     """Versions matching ``conds``; with ``latest_only``, the newest match per name."""
     if sort not in SORTS:
-        raise ValueError(f"sort must be one of {sorted(SORTS)}, got {sort!r}")
+        raise ConfigError(f"sort must be one of {sorted(SORTS)}, got {sort!r}")
     stmt = select(VersionRow).join(SkillRow, SkillRow.id == VersionRow.skill_id)
     if latest_only:
         ranked = (

@@ -112,6 +112,24 @@ def schema_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+def revisions(url_or_dir: str | os.PathLike[str]) -> tuple[str | None, str]:
+    """(the catalog's schema revision, None when empty; the newest this code knows)."""
+    engine = make_engine(url_or_dir)
+    try:
+        return schema_revision(engine), head_revision()
+    finally:
+        engine.dispose()
+
+
+def upgrade(url_or_dir: str | os.PathLike[str]) -> tuple[str | None, str]:
+    """Migrate the catalog at ``url_or_dir`` to head; (revision before, revision after)."""
+    engine = make_engine(url_or_dir)
+    try:
+        return schema_revision(engine), migrate(engine)
+    finally:
+        engine.dispose()
+
+
 def _is_unique_violation(err: IntegrityError) -> bool:
     text = str(err.orig).lower()
     return "unique" in text or "duplicate key" in text
@@ -156,6 +174,8 @@ __all__ = [
     "head_revision",
     "make_engine",
     "migrate",
+    "revisions",
     "schema_revision",
     "session_scope",
+    "upgrade",
 ]

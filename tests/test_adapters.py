@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomise
+from helpers import randomise
 
 import skillbank as sb
 from skillbank.adapters.kinds import Conv2dAdapter, LinearAdapter, MultiheadAttentionAdapter

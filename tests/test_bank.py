@@ -5,19 +5,9 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import randomise
+from helpers import make_skill
 
 import skillbank as sb
-
-VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
-
-
-def make_skill(vit, name, seed, rank=4):
-    model = copy.deepcopy(vit)
-    sb.add_adapter(model, name, sb.LoRAConfig(rank=rank, targets=VIT_TARGETS, head="head"))
-    torch.manual_seed(seed)
-    randomise(model, name)
-    return model, sb.Skill.from_model(model, name)
 
 
 @pytest.fixture

@@ -472,6 +472,7 @@ def subprocess_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: ~3 s
 def test_subprocess_json_is_one_document(bank_dir):
     proc = subprocess_cli("ls", "--format", "json", SKILLBANK_URL=str(bank_dir))
     assert proc.returncode == 0, proc.stderr
@@ -479,6 +480,7 @@ def test_subprocess_json_is_one_document(bank_dir):
     assert proc.stderr == ""
 
 
+@pytest.mark.slow  # two fresh interpreters: ~5 s
 def test_subprocess_error_line_and_debug_traceback(bank_dir):
     proc = subprocess_cli("--bank", str(bank_dir), "show", "nope")
     assert proc.returncode == 1 and proc.stdout == ""

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomise
+from helpers import randomise
 
 import skillbank as sb
 

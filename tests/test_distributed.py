@@ -38,6 +38,8 @@ from eval.protocol import score_direct
 from eval.runner import run_seed
 from learners import LoRALearner, TrainConfig, distributed
 
+pytestmark = pytest.mark.slow  # every test starts processes: ~8 s for the module on 2 cores
+
 WORLD = 2
 BATCH = 37  # odd: the two shards of a batch differ in size; the last batch of an epoch is short
 

@@ -7,7 +7,7 @@ import torch
 from eval import streams
 from eval.corruptions import COTTA_ORDER
 from eval.data import Task
-from storage.errors import InvalidStream
+from eval.errors import InvalidStream
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomise
+from helpers import randomise
 
 import skillbank as sb
 from eval import data, transfer

@@ -15,40 +15,19 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-import torch.nn as nn
+from helpers import context, tiny_skill, vector
 
 import skillbank as sb
 from storage import Library
 from storage.blobs import sha256
 from storage.index import VectorIndex
 
+pytestmark = pytest.mark.reliability
+
 WRITERS, ADDS, READERS = 4, 8, 2
 OPENERS = 6
-
-
-def context() -> mp.context.BaseContext:
-    """A forkserver with torch and skillbank preloaded (spawn where there is none)."""
-    if "forkserver" not in mp.get_all_start_methods():
-        return mp.get_context("spawn")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "skillbank", "storage.library", "storage.catalog"])
-    return ctx
-
-
-def tiny_skill(seed: int) -> sb.Skill:
-    """A real two-site LoRA skill on a tiny MLP; non-zero B so every seed differs."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    sb.add_adapter(model, "s", sb.LoRAConfig(rank=2, targets=["0", "2"]))
-    with torch.no_grad():
-        for layer in sb.adapter_layers(model):
-            layer.lora_B["s"].normal_()
-    return sb.Skill.from_model(model, "s")
-
-
-def vector(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=16)
 
 
 def _writer(url: str, home: str, worker: int, start: mp.synchronize.Event) -> None:

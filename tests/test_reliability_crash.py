@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_reliability_concurrency import context, tiny_skill, vector
+from helpers import context, tiny_skill, vector
 
 import skillbank as sb
 from storage import faults
 from storage.blobs import sha256
 from storage.index import VectorIndex
+
+pytestmark = pytest.mark.reliability
 
 POINTS = [
     "blob.write",
@@ -131,6 +133,7 @@ def _run(
     return p.exitcode
 
 
+@pytest.mark.slow
 def test_sigkill_at_every_step_loses_nothing(catalog_url, tmp_path, request):
     backend = request.node.callspec.params["catalog_url"]
     ctx, rng = context(), np.random.default_rng(0)

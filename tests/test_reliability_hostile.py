@@ -19,10 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
-from test_reliability_concurrency import tiny_skill, vector
+from helpers import tiny_skill, vector
 
 import skillbank as sb
 from skillbank import safefile
+
+pytestmark = pytest.mark.reliability
 
 
 class Plant:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from alembic import command
-from test_routers import Tiny, add_task, e, gaussian, skill_of
+from helpers import Tiny, add_task, gaussian, skill_of, unit
 
 import skillbank as sb
 from skillbank.route_stats import PROTOTYPES, RouteStats, pooled_within
@@ -18,7 +18,7 @@ def model():
 
 
 def data(n=60, seed=0):
-    x = torch.cat([gaussian(e(0, 3), 0.3, n, seed), gaussian(e(1, 3), 0.3, n, seed + 1)])
+    x = torch.cat([gaussian(unit(0, 3), 0.3, n, seed), gaussian(unit(1, 3), 0.3, n, seed + 1)])
     return x, torch.cat([torch.zeros(n), torch.ones(n)]).long()
 
 

@@ -1,61 +1,11 @@
 """Routers on synthetic Gaussians whose right answer is known, plus re-ranking and bad input."""
 
-import copy
-
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
+from helpers import TINY_DIM, Tiny, add_task, gaussian, unit
 
 import skillbank as sb
-
-D = 8
-
-
-class Tiny(nn.Module):
-    """x (N, D) -> patch_embed (Linear, identity at start) -> head: pooled feature = x."""
-
-    def __init__(self, classes: int = 4) -> None:
-        super().__init__()
-        self.patch_embed = nn.Linear(D, D)
-        self.head = nn.Linear(D, classes)
-        with torch.no_grad():
-            self.patch_embed.weight.copy_(torch.eye(D))
-            self.patch_embed.bias.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.patch_embed(x))
-
-
-def gaussian(mean, scale, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    return torch.as_tensor(mean, dtype=torch.float32) + torch.randn(
-        n, D, generator=g
-    ) * torch.as_tensor(scale, dtype=torch.float32)
-
-
-def skill_of(model, name, head_scale=1.0, classes=(0, 1, 2, 3)):
-    m = copy.deepcopy(model)
-    sb.add_adapter(m, name, sb.LoRAConfig(rank=2, targets=["patch_embed"], head="head"))
-    with torch.no_grad():
-        m.head.weight.mul_(head_scale)
-    return sb.Skill.from_model(m, name, metadata={"classes": list(classes)})
-
-
-def add_task(bank, model, name, xs, ys, **kw):
-    """A skill whose data is ``xs`` with labels ``ys``, with example embedding and stats."""
-    x, y = torch.cat(xs), torch.cat(ys)
-    emb = sb.example_embedding(model, x, centres=2, head="head")
-    stats = sb.compute_stats(model, x, y, head="head")
-    return str(
-        bank.add(name, skill_of(model, name, **kw), embedding=emb, stats=stats, embed_text=False)
-    )
-
-
-def e(i, scale=1.0):
-    v = torch.zeros(D)
-    v[i] = scale
-    return v
 
 
 @pytest.fixture
@@ -78,7 +28,7 @@ def accuracy(model, bank, xs, want, **kw):
 
 def test_examples_and_prototype_route_separated_classes(model, bank):
     # skill a holds classes around e0 and e1, skill b around e2 and e3
-    means = [e(0, 3), e(1, 3), e(2, 3), e(3, 3)]
+    means = [unit(0, 3), unit(1, 3), unit(2, 3), unit(3, 3)]
     train = [gaussian(m, 0.3, 50, i) for i, m in enumerate(means)]
     a = add_task(bank, model, "a", train[:2], [torch.full((50,), c) for c in (0, 1)])
     b = add_task(bank, model, "b", train[2:], [torch.full((50,), c) for c in (2, 3)])
@@ -91,8 +41,8 @@ def test_examples_and_prototype_route_separated_classes(model, bank):
 def test_mahalanobis_uses_the_shared_covariance(model, bank):
     # The classes differ by 0.4 along e2 (noise 0.05) and by 1.2 along e1, where the
     # shared noise is 1.5: the nearest mean by cosine is misled, the shared covariance is not.
-    m1, m2 = e(0, 3) + e(1, 0.6) + e(2, 0.2), e(0, 3) - e(1, 0.6) - e(2, 0.2)
-    scale = torch.full((D,), 0.05)
+    m1, m2 = unit(0, 3) + unit(1, 0.6) + unit(2, 0.2), unit(0, 3) - unit(1, 0.6) - unit(2, 0.2)
+    scale = torch.full((TINY_DIM,), 0.05)
     scale[1] = 1.5
     a = add_task(bank, model, "a", [gaussian(m1, scale, 400, 1)], [torch.zeros(400)])
     b = add_task(bank, model, "b", [gaussian(m2, scale, 400, 2)], [torch.ones(400)])
@@ -105,7 +55,7 @@ def test_mahalanobis_uses_the_shared_covariance(model, bank):
 def test_stats_router_finds_a_domain_the_pooled_feature_cannot_see(model, bank):
     # Two domains with the same directions (pooled features are L2-normalised) but
     # inputs 1x and 4x as large: only the layer statistics tell them apart.
-    mean = e(0, 1.0) + e(1, 1.0)
+    mean = unit(0, 1.0) + unit(1, 1.0)
     ys = [torch.zeros(300)]
     a = add_task(bank, model, "small", [gaussian(mean, 0.5, 300, 1)], ys)
     b = add_task(bank, model, "large", [4 * gaussian(mean, 0.5, 300, 2)], ys)
@@ -115,7 +65,7 @@ def test_stats_router_finds_a_domain_the_pooled_feature_cannot_see(model, bank):
 
 
 def test_rerank_keeps_the_candidate_the_adapted_model_is_sure_of(model, bank):
-    x = gaussian(e(0, 3), 0.3, 40, 1)
+    x = gaussian(unit(0, 3), 0.3, 40, 1)
     ys = [torch.zeros(40)]
     add_task(bank, model, "unsure", [x], ys, head_scale=0.01)
     sure = add_task(bank, model, "sure", [x + 0.01], ys, head_scale=50.0)
@@ -131,10 +81,31 @@ def test_bad_router_settings_are_refused(model, bank):
         sb.Router(model, bank, router="vote")
     with pytest.raises(sb.ConfigError, match="rerank"):
         sb.Router(model, bank, rerank=-1)
+    with pytest.raises(sb.ConfigError, match="unknown router options"):
+        sb.Router(model, bank, router="mahalanobis", router_options={"shrinkage": 0.2})
+    assert (
+        sb.Router(model, bank, router="mahalanobis", router_options={"shrink": 0.2}).router.shrink
+        == 0.2
+    )
+
+
+def test_bench_config_checks_router_keys_before_any_run():
+    from eval.config import load
+
+    cfg = load(None, router="stats", rerank=2, router_options={"candidates": 4})
+    assert (cfg.router, cfg.rerank, cfg.router_options) == ("stats", 2, {"candidates": 4})
+    for bad, match in (
+        ({"router": "vote"}, "unknown router 'vote'"),
+        ({"rerank": -1}, "rerank"),
+        ({"router_options": {"shrinkage": 0.2}}, "unknown router options"),
+        ({"router_options": [1]}, "mapping"),
+    ):
+        with pytest.raises(sb.ConfigError, match=match):
+            load(None, **bad)
 
 
 def test_nan_features_are_refused(model, bank):
-    x = gaussian(e(0, 3), 0.3, 20, 1)
+    x = gaussian(unit(0, 3), 0.3, 20, 1)
     add_task(bank, model, "a", [x], [torch.zeros(20)])
     bad = x.clone()
     bad[3, 0] = float("nan")

@@ -39,6 +39,7 @@ def kwargs(*names):
     return {n: {"train": FAST, "rank": 4} for n in names}
 
 
+@pytest.mark.slow
 def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path):
     out = tmp_path / "run"
     with sb.SkillBank.open(tmp_path / "bank") as bank:
@@ -61,12 +62,15 @@ def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path)
         # skills are in the bank, tagged with the run, one per task and seed
         refs = [r for run in lora.runs for r in run.skills]
         assert len(refs) == 4 and all(bank.record(r).learner == "lora" for r in refs)
+        # each banked skill carries its routing statistics (the default router needs them)
+        assert set(bank.route_stats(refs)) == set(refs)
         # routing is reported and routed LoRA keeps old tasks better than sequential finetuning
         assert 0.0 <= lora.runs[0].routing[-1] <= 1.0 and lora.runs[0].routing[0] is None
         assert lora.metrics["forgetting"]["mean"] < finetune.metrics["forgetting"]["mean"]
         assert lora.metrics["acc"]["mean"] > 0.5
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["learners"]) == {"lora", "finetune", "frozen"} and doc["device"] == "cpu"
+    assert (doc["router"], doc["rerank"]) == ("mahalanobis", 0)  # split class-IL's default
     assert len(doc["learners"]["lora"]["R"]) == 2 and doc["versions"]["torch"]
     assert doc["learners"]["lora"]["metrics"]["acc"]["std"] is not None
     for png in ("accuracy_matrix.png", "accuracy_over_time.png", "forgetting.png"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from conftest import randomise
+from helpers import randomise
 from safetensors.torch import save_file
 
 import skillbank as sb

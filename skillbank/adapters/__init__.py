@@ -1,4 +1,10 @@
-"""Low-rank adapters on live modules: config, layers, surgery, mixed batches."""
+"""Low-rank adapters on live modules: config, layers, surgery, mixed batches.
+
+Learners reach adapter state only through this surface: ``adapter_layers(model,
+name)`` and the per-adapter methods of ``AdapterLayer`` (``adapter_factors``,
+``factor_parameters``, ``get_factors``/``set_factors``, ``adapter_rank``,
+``adapter_scale``, ``add_rank_gate`` ...), each kind declaring its own layout.
+"""
 
 from .config import LoRAConfig
 from .inject import (
@@ -7,6 +13,7 @@ from .inject import (
     adapter_layers,
     adapter_names,
     add_adapter,
+    check_name,
     disabled,
     merge,
     param_groups,
@@ -15,18 +22,23 @@ from .inject import (
     unmerge,
 )
 from .kinds import ADAPTER_KINDS, register_kind
-from .layer import AdapterLayer
+from .layer import AdapterLayer, FactorMap, Factors
 from .mixed import composed, mixed_batch
+
+check_adapter_name = check_name
 
 __all__ = [
     "ADAPTER_KINDS",
     "AdapterLayer",
+    "FactorMap",
+    "Factors",
     "LoRAConfig",
     "active_adapters",
     "adapter_configs",
     "adapter_layers",
     "adapter_names",
     "add_adapter",
+    "check_adapter_name",
     "disabled",
     "merge",
     "composed",

@@ -35,6 +35,11 @@ def matches(pattern: str, path: str, module: nn.Module | None = None) -> bool:
     ``name`` matches the exact path or a dotted suffix (``attn.qkv`` matches
     ``blocks.0.attn.qkv``); ``re:<regex>`` must match the whole path;
     ``type:<Class>`` matches modules with that class anywhere in their MRO.
+
+    Args:
+        pattern: a target or rank/alpha pattern key.
+        path: the module's dotted path.
+        module: the module itself (needed for ``type:`` patterns).
     """
     if pattern.startswith("type:"):
         return module is not None and any(c.__name__ == pattern[5:] for c in type(module).__mro__)
@@ -86,14 +91,32 @@ class LoRAConfig:
             raise ConfigError(f"init must be one of {INIT_METHODS}, got {self.init!r}")
 
     def rank_for(self, path: str, module: nn.Module | None = None) -> int:
+        """The rank of the module at ``path`` (``rank_pattern`` first, then ``rank``).
+
+        Args:
+            path: the module's dotted path.
+            module: the module (for ``type:`` patterns).
+        """
         return _lookup(self.rank_pattern, path, module, self.rank)
 
     def scale_for(self, path: str, module: nn.Module | None = None) -> float:
+        """The scale of the module at ``path``: alpha / r, or alpha / sqrt(r) with rsLoRA.
+
+        Args:
+            path: the module's dotted path.
+            module: the module (for ``type:`` patterns).
+        """
         r = self.rank_for(path, module)
         a = _lookup(self.alpha_pattern, path, module, self.alpha)
         return a / math.sqrt(r) if self.use_rslora else a / r
 
     def selects(self, path: str, module: nn.Module) -> bool:
+        """Whether ``targets`` match the module and ``exclude`` does not.
+
+        Args:
+            path: the module's dotted path.
+            module: the module.
+        """
         if any(matches(p, path, module) for p in self.exclude):
             return False
         return any(matches(p, path, module) for p in self.targets)
@@ -105,6 +128,11 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LoRAConfig:
+        """The config ``to_dict`` wrote; unknown fields raise ConfigError.
+
+        Args:
+            d: the fields as ``to_dict`` returns them.
+        """
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:

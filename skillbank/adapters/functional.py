@@ -50,6 +50,15 @@ def lora_linear(
     b: torch.Tensor,
     s: torch.Tensor,
 ) -> torch.Tensor:
-    """``LoRALinear`` on inputs of any leading shape."""
+    """``LoRALinear`` on inputs of any leading shape.
+
+    Args:
+        x: (..., in) inputs.
+        w: (out, in) base weight.
+        bias: (out,) base bias or None.
+        a: (R, in) down factors, all adapters side by side.
+        b: (out, R) up factors.
+        s: (R,) per-rank scales.
+    """
     y = LoRALinear.apply(x.reshape(-1, x.shape[-1]), w, bias, a, b, s)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -39,7 +39,11 @@ class _Site:
 
 
 def walk(model: nn.Module) -> Iterator[_Site]:
-    """Every submodule with its original path; adapter wrappers are seen through."""
+    """Every submodule with its original path; adapter wrappers are seen through.
+
+    Args:
+        model: any module, adapted or not.
+    """
 
     def rec(module: nn.Module, prefix: str):
         inner = module.base if isinstance(module, AdapterLayer) else module
@@ -51,19 +55,44 @@ def walk(model: nn.Module) -> Iterator[_Site]:
     yield from rec(model, "")
 
 
-def adapter_layers(model: nn.Module) -> list[AdapterLayer]:
-    return [s.module for s in walk(model) if isinstance(s.module, AdapterLayer)]
+def adapter_layers(model: nn.Module, name: str | None = None) -> list[AdapterLayer]:
+    """The adapter layers of ``model`` in module order; with ``name``, those carrying it.
+
+    Args:
+        model: the adapted model.
+        name: an adapter of ``model``; raises AdapterNotFound when it has none so named.
+    """
+    layers = [s.module for s in walk(model) if isinstance(s.module, AdapterLayer)]
+    if name is None:
+        return layers
+    _resolve(model, name)
+    return [layer for layer in layers if layer.has_adapter(name)]
 
 
 def adapter_configs(model: nn.Module) -> dict[str, LoRAConfig]:
+    """Adapter name -> the LoRAConfig it was added with (the live registry, not a copy).
+
+    Args:
+        model: the adapted model.
+    """
     return model.__dict__.setdefault(_CONFIGS, {})
 
 
 def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters of ``model``, in the order they were added.
+
+    Args:
+        model: the adapted model.
+    """
     return list(adapter_configs(model))
 
 
 def check_name(name: str) -> None:
+    """Raise InvalidName unless ``name`` can name an adapter (it becomes part of refs).
+
+    Args:
+        name: the proposed adapter name.
+    """
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise InvalidName(
             f"adapter name {name!r} must be 1-200 characters of letters, digits, '_', '-' or '+'"
@@ -74,7 +103,13 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, *, activate: bo
     """Wrap every module ``config`` selects and give it a fresh adapter ``name``.
 
     The base model is frozen; the new adapter (and ``config.head``) train, other
-    adapters are frozen. With ``activate`` the new adapter becomes the active set.
+    adapters are frozen.
+
+    Args:
+        model: the model to adapt in place.
+        name: the new adapter's name (see ``check_name``).
+        config: what to adapt and how.
+        activate: make the new adapter the active set.
     """
     check_name(name)
     if not isinstance(config, LoRAConfig):
@@ -103,10 +138,9 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig, *, activate: bo
 
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in adapter_layers(model):
-        if name in layer.lora_A:
-            for p in layer.adapter_parameters(name):
-                p.requires_grad_(True)
+    for layer in adapter_layers(model, name):
+        for p in layer.adapter_parameters(name):
+            p.requires_grad_(True)
     if head is not None:
         head.requires_grad_(True)
     if activate:
@@ -178,7 +212,13 @@ def _resolve(model: nn.Module, names: str | Sequence[str] | None) -> list[str]:
 def set_active(
     model: nn.Module, names: str | Sequence[str] | None, weights: Sequence[float] | None = None
 ) -> None:
-    """Make ``names`` the active set (their outputs add up, scaled by ``weights``)."""
+    """Make ``names`` the active set (their outputs add up, scaled by ``weights``).
+
+    Args:
+        model: the adapted model.
+        names: one adapter, several, or None / [] for the bare base.
+        weights: one weight per name (default 1.0 each).
+    """
     names = _resolve(model, names)
     weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
     if len(weights) != len(names):
@@ -193,6 +233,11 @@ def set_active(
 
 
 def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
+    """(name, weight) of every active adapter.
+
+    Args:
+        model: the adapted model.
+    """
     seen: dict[str, float] = {}
     for layer in adapter_layers(model):
         seen.update(layer.active)
@@ -201,7 +246,11 @@ def active_adapters(model: nn.Module) -> list[tuple[str, float]]:
 
 @contextmanager
 def disabled(model: nn.Module) -> Iterator[None]:
-    """Run the bare base inside the block (e.g. for routing features); the active set returns after."""
+    """Run the bare base inside the block (e.g. for routing features); the active set returns after.
+
+    Args:
+        model: the adapted model.
+    """
     layers = adapter_layers(model)
     saved = [layer.active for layer in layers]
     for layer in layers:
@@ -214,13 +263,18 @@ def disabled(model: nn.Module) -> Iterator[None]:
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
-    """Delete adapter ``name``; modules left with no adapter get their base back."""
+    """Delete adapter ``name``; modules left with no adapter get their base back.
+
+    Args:
+        model: the adapted model.
+        name: an adapter of ``model``.
+    """
     _resolve(model, name)
     sites = [s for s in walk(model) if isinstance(s.module, AdapterLayer)]
     if any(s.module.merged is not None for s in sites):
         raise MergedError("the model is merged; call sb.unmerge(model) before removing an adapter")
     for s in sites:
-        if name in s.module.lora_A:
+        if s.module.has_adapter(name):
             s.module.remove(name)
         if not s.module.names():
             setattr(s.parent, s.attr, s.module.base)
@@ -228,7 +282,11 @@ def remove_adapter(model: nn.Module, name: str) -> None:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold the active adapters into the base weights (exactly undone by ``unmerge``)."""
+    """Fold the active adapters into the base weights (exactly undone by ``unmerge``).
+
+    Args:
+        model: the adapted model.
+    """
     layers = adapter_layers(model)
     if any(layer.rows is not None for layer in layers):
         raise MergedError("cannot merge inside mixed_batch")
@@ -237,6 +295,11 @@ def merge(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
+    """Restore the base weights ``merge`` changed (a no-op when nothing is merged).
+
+    Args:
+        model: the adapted model.
+    """
     for layer in adapter_layers(model):
         layer.unmerge()
 
@@ -244,7 +307,14 @@ def unmerge(model: nn.Module) -> None:
 def param_groups(
     model: nn.Module, lr: float, b_ratio: float = 16.0, weight_decay: float = 0.0
 ) -> list[dict]:
-    """Optimizer groups for LoRA+: B matrices at ``lr * b_ratio``, everything else at ``lr``."""
+    """Optimizer groups for LoRA+: B matrices at ``lr * b_ratio``, everything else at ``lr``.
+
+    Args:
+        model: the adapted model; only parameters that require grad are grouped.
+        lr: the base learning rate.
+        b_ratio: B's rate as a multiple of ``lr``.
+        weight_decay: for every group.
+    """
     if lr <= 0 or b_ratio <= 0:
         raise ConfigError(f"lr and b_ratio must be positive, got lr={lr}, b_ratio={b_ratio}")
     b_ids = {id(p) for layer in adapter_layers(model) for p in layer.lora_B.values()}

@@ -19,7 +19,11 @@ ADAPTER_KINDS: dict[type[nn.Module], type[AdapterLayer]] = {}
 
 
 def register_kind(base_type: type[nn.Module]):
-    """Class decorator: ``base_type`` modules (and subclasses) get this layer."""
+    """Class decorator: ``base_type`` modules (and subclasses) get this layer.
+
+    Args:
+        base_type: the module class the decorated AdapterLayer subclass adapts.
+    """
 
     def deco(cls: type[AdapterLayer]) -> type[AdapterLayer]:
         ADAPTER_KINDS[base_type] = cls
@@ -29,7 +33,11 @@ def register_kind(base_type: type[nn.Module]):
 
 
 def kind_for(module: nn.Module) -> type[AdapterLayer] | None:
-    """The layer class for ``module``, found along its MRO (subclasses inherit support)."""
+    """The layer class for ``module``, found along its MRO (subclasses inherit support).
+
+    Args:
+        module: a module that may carry adapters.
+    """
     for cls in type(module).__mro__:
         if cls in ADAPTER_KINDS:
             return ADAPTER_KINDS[cls]
@@ -42,6 +50,8 @@ def _flat_rows(x: torch.Tensor, out: torch.Tensor):
 
 class _LinearMap(AdapterLayer):
     """Shared by kinds whose adapted op is a matrix product on the last dim."""
+
+    linear_input = True
 
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add
@@ -194,6 +204,7 @@ class MultiheadAttentionAdapter(_LinearMap):
     """
 
     sites = ("[q]", "[k]", "[v]")
+    rank_axes = (1, 2)
 
     @classmethod
     def check(cls, module: nn.MultiheadAttention, rank: int, path: str) -> None:
@@ -219,14 +230,9 @@ class MultiheadAttentionAdapter(_LinearMap):
         a, b = self.lora_A[name], self.lora_B[name]
         return a.reshape(-1, a.shape[-1]), torch.block_diag(*b.unbind(0))
 
-    def get_factors(self, name) -> Factors:
-        a, b = self.lora_A[name], self.lora_B[name]
-        return {site: (a[i], b[i]) for i, site in enumerate(self.sites)}
-
-    def set_factors(self, name, factors: Factors) -> None:
-        for i, site in enumerate(self.sites):
-            self.lora_A[name].data[i].copy_(factors[site][0])
-            self.lora_B[name].data[i].copy_(factors[site][1])
+    def split_sites(self, name, a, b) -> list[Factors]:
+        s = self.scaling[name]
+        return [Factors(site, a[i], b[i], 0, 1, s) for i, site in enumerate(self.sites)]
 
     def forward(
         self,

@@ -11,15 +11,100 @@ low-rank term to that op's output.
 from __future__ import annotations
 
 import math
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.nn.utils.parametrize as P
 
-from ..errors import ConfigError, MergedError
+from ..errors import AdapterNotFound, ConfigError, MergedError
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+FactorMap = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Site suffix -> (A: r x fan_in, B: fan_out x r): the form skills store."""
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One site's trained factors of one adapter, in its layer kind's own layout.
+
+    ``A`` and ``B`` are views of the trained parameters (``B`` as trained, under any
+    rank gate), so writes and gradients reach the adapter. The kind states where
+    each keeps its rank, so callers never guess a layout from ``dim()``.
+
+    Attributes:
+        site: suffix of the skill key the site is saved under (``""``, or ``"[q]"``,
+            ``"[k]"``, ``"[v]"`` for attention).
+        A: the down factor, e.g. (r, in) for Linear, (r, c, kh, kw) for Conv2d.
+        B: the up factor, e.g. (out, r) for Linear, (out, r, 1, 1) for Conv2d.
+        rank_axis_A: the axis of ``A`` that indexes ranks.
+        rank_axis_B: the axis of ``B`` that indexes ranks.
+        scale: the adapter's ``s`` in ``s B A x``.
+    """
+
+    site: str
+    A: torch.Tensor
+    B: torch.Tensor
+    rank_axis_A: int
+    rank_axis_B: int
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[self.rank_axis_A]
+
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A: r x fan_in, B: fan_out x r), the form skills store; gradients flow through."""
+        r = self.rank
+        return (
+            self.A.movedim(self.rank_axis_A, 0).reshape(r, -1),
+            self.B.movedim(self.rank_axis_B, -1).reshape(-1, r),
+        )
+
+    def check(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        """Raise ConfigError unless the given factors have the shapes ``matrices`` returns.
+
+        Args:
+            a: r x fan_in, or None to skip.
+            b: fan_out x r, or None to skip.
+        """
+        for given, want, what in zip((a, b), self.matrices(), "AB", strict=True):
+            if given is not None and tuple(given.shape) != tuple(want.shape):
+                raise ConfigError(
+                    f"site {self.site!r}: {what} must have shape {tuple(want.shape)}, "
+                    f"got {tuple(given.shape)}"
+                )
+
+    def copy_(self, a: torch.Tensor | None = None, b: torch.Tensor | None = None) -> None:
+        """Write 2D factors (the form ``matrices`` returns) into ``A`` and ``B`` in place,
+        shapes checked first; run it under ``torch.no_grad()`` on trainable factors.
+
+        Args:
+            a: r x fan_in, or None to leave A as it is.
+            b: fan_out x r, or None to leave B as it is.
+        """
+        self.check(a, b)
+        if a is not None:
+            a_shape = self.A.movedim(self.rank_axis_A, 0).shape
+            self.A.copy_(a.reshape(a_shape).movedim(0, self.rank_axis_A))
+        if b is not None:
+            b_shape = self.B.movedim(self.rank_axis_B, -1).shape
+            self.B.copy_(b.reshape(b_shape).movedim(-1, self.rank_axis_B))
+
+
+class _RankGate(nn.Module):
+    """The parametrisation ``B -> B diag(fn())`` along B's rank axis."""
+
+    def __init__(self, fn: nn.Module, axis: int) -> None:
+        super().__init__()
+        self.fn = fn
+        self.axis = axis
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        shape = [1] * b.dim()
+        shape[self.axis] = -1
+        return b * self.fn().view(shape).to(b.dtype)
 
 
 class AdapterLayer(nn.Module):
@@ -34,6 +119,10 @@ class AdapterLayer(nn.Module):
     adapter_param_names = ("lora_A", "lora_B")
     adapter_meta_names = ("scaling", "ranks")
     sites: tuple[str, ...] = ("",)  # suffixes of the skill keys this layer owns
+    rank_axes: ClassVar[tuple[int, int]] = (0, 1)  # rank axis of the A and B parameters
+    # True when the adapted op is ``x W^T`` on the input's last dim (A reads x[..., :fan_in]
+    # as it is); False for ops like convolutions that unfold their input first.
+    linear_input: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
@@ -58,7 +147,13 @@ class AdapterLayer(nn.Module):
     # ------------------------------------------------------------ kind hooks
     @classmethod
     def check(cls, module: nn.Module, rank: int, path: str) -> None:
-        """Raise ConfigError when ``module`` cannot carry a rank-``rank`` adapter."""
+        """Raise ConfigError when ``module`` cannot carry a rank-``rank`` adapter.
+
+        Args:
+            module: the base module.
+            rank: the rank asked for.
+            path: the module's path, for the message.
+        """
         fan_in, fan_out = cls.fans(module)
         if rank > min(fan_in, fan_out):
             raise ConfigError(
@@ -68,27 +163,40 @@ class AdapterLayer(nn.Module):
 
     @classmethod
     def fans(cls, module: nn.Module) -> tuple[int, int]:
+        """(fan_in, fan_out) of ``module``'s adapted map."""
         raise NotImplementedError
 
     def base_weight(self) -> torch.Tensor:
+        """The base weight adapters add to (and merging changes)."""
         return self.base.weight
 
     def new_factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fresh (A, B) in this kind's own shapes, B zero."""
+        """Fresh (A, B) in this kind's own shapes, B zero.
+
+        Args:
+            rank: the adapter's rank.
+        """
         raise NotImplementedError
 
     def factors_2d(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A: r x fan_in, B: fan_out x r) with ``B @ A`` shaped like the base weight."""
+        """The adapter as one linear map, as the forward reads it: (A: r x fan_in,
+        B: fan_out x r) with ``B @ A`` shaped like the flattened base weight
+        (attention: q, k, v's A stacked and B block-diagonal).
+
+        Args:
+            name: an adapter this layer carries.
+        """
         raise NotImplementedError
 
-    def get_factors(self, name: str) -> Factors:
-        """Per-site 2D factors, the form skills store."""
-        return {"": self.factors_2d(name)}
+    def split_sites(self, name: str, a: torch.Tensor, b: torch.Tensor) -> list[Factors]:
+        """(A, B) in this kind's parameter layout as one record per site (one site here).
 
-    def set_factors(self, name: str, factors: Factors) -> None:
-        a, b = factors[""]
-        self.lora_A[name].data.copy_(a.reshape(self.lora_A[name].shape))
-        self.lora_B[name].data.copy_(b.reshape(self.lora_B[name].shape))
+        Args:
+            name: the adapter (for its scale).
+            a: A as a whole parameter (or what the forward reads in its place).
+            b: B likewise.
+        """
+        return [Factors(self.sites[0], a, b, *self.rank_axes, self.scaling[name])]
 
     def run(self, weight: torch.Tensor, add, *args, **kwargs):
         """The base op with ``weight``; ``add(x, out)`` adds a low-rank term, if given."""
@@ -108,6 +216,15 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------- adapter state
     def add(self, name: str, rank: int, scale: float, dropout: float, init: str) -> None:
+        """A fresh adapter on this layer (``sb.add_adapter`` validates and calls this).
+
+        Args:
+            name: the adapter's name.
+            rank: its rank.
+            scale: its ``s``.
+            dropout: dropout on its input, 0 for none.
+            init: how A starts (``kaiming``, ``gaussian`` or ``zeros``); B starts at zero.
+        """
         a, b = self.new_factors(rank)
         w = self.base_weight()
         dtype = w.dtype if w.dtype in (torch.float32, torch.float64) else torch.float32
@@ -123,6 +240,11 @@ class AdapterLayer(nn.Module):
         self.ranks[name] = int(rank)
 
     def remove(self, name: str) -> None:
+        """Drop adapter ``name`` from this layer (``sb.remove_adapter`` calls this).
+
+        Args:
+            name: an adapter this layer carries.
+        """
         for attr in self.adapter_param_names + ("lora_dropout",):
             del getattr(self, attr)[name]
         for attr in self.adapter_meta_names:
@@ -130,12 +252,190 @@ class AdapterLayer(nn.Module):
         self.set_active([(n, w) for n, w in self.active if n != name])
 
     def names(self) -> list[str]:
+        """The adapters this layer carries, in the order they were added."""
         return list(self.lora_A.keys())
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """A and B as the forward reads them (B through any rank gate).
+
+        Args:
+            name: an adapter this layer carries.
+        """
         return [getattr(self, attr)[name] for attr in self.adapter_param_names]
 
+    # ------------------------------------------------- public per-adapter API
+    def has_adapter(self, name: str) -> bool:
+        """Whether this layer carries adapter ``name``.
+
+        Args:
+            name: an adapter name.
+        """
+        return name in self.lora_A
+
+    def _require(self, name: str) -> None:
+        if name not in self.lora_A:
+            raise AdapterNotFound(f"'{self.path}' has no adapter {name!r}; it has {self.names()}")
+
+    def adapter_rank(self, name: str) -> int:
+        """The rank of adapter ``name`` here.
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        self._require(name)
+        return self.ranks[name]
+
+    def adapter_scale(self, name: str) -> float:
+        """The scale ``s`` of adapter ``name`` here (its update is ``s B A x``).
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        self._require(name)
+        return self.scaling[name]
+
+    def set_adapter_scale(self, name: str, scale: float) -> None:
+        """Replace the scale of adapter ``name`` here.
+
+        Args:
+            name: an adapter this layer carries.
+            scale: the new ``s``, a finite number.
+        """
+        self._require(name)
+        if (
+            isinstance(scale, bool)
+            or not isinstance(scale, (int, float))
+            or not math.isfinite(scale)
+        ):
+            raise ConfigError(f"scale must be a finite number, got {scale!r}")
+        if self.merged is not None:
+            raise MergedError(f"'{self.path}' is merged; unmerge before changing a scale")
+        self.scaling[name] = float(scale)
+        self._drop_caches()
+
+    def factor_parameters(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        """A and B as trained: the Parameters themselves (B under any rank gate), in this
+        kind's layout, with their rank axes in ``rank_axes``.
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        self._require(name)
+        b = (
+            self.lora_B.parametrizations[name].original
+            if P.is_parametrized(self.lora_B, name)
+            else self.lora_B[name]
+        )
+        return self.lora_A[name], b
+
+    def adapter_factors(self, name: str) -> list[Factors]:
+        """The trained factors of adapter ``name``, one record per site (views of
+        ``factor_parameters``: writes and gradients reach the adapter).
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        return self.split_sites(name, *self.factor_parameters(name))
+
+    def get_factors(self, name: str) -> FactorMap:
+        """Per-site 2D factors as the forward reads them (B through any rank gate): the form
+        skills store, and what ``set_factors`` takes back.
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        self._require(name)
+        sites = self.split_sites(name, self.lora_A[name], self.lora_B[name])
+        return {f.site: f.matrices() for f in sites}
+
+    def set_factors(self, name: str, factors: FactorMap) -> None:
+        """Copy per-site 2D factors into the trained A and B; every shape is checked before
+        anything is written.
+
+        Args:
+            name: an adapter this layer carries.
+            factors: site suffix -> (A: r x fan_in, B: fan_out x r), for every site.
+        """
+        sites = self.adapter_factors(name)
+        missing = [f.site for f in sites if f.site not in factors]
+        if missing:
+            raise ConfigError(f"'{self.path}': no factors given for sites {missing}")
+        for f in sites:
+            f.check(*factors[f.site])
+        with torch.no_grad():
+            for f in sites:
+                f.copy_(*factors[f.site])
+
+    def add_rank_gate(self, name: str, gate: nn.Module) -> None:
+        """From now on the layer reads B as ``B diag(gate())``, along B's own rank axis.
+
+        CoDyRA's gates, AdaLoRA's singular values, IncreLoRA's e and DyLoRA's masks
+        all have this form. B is re-parameterised (``torch.nn.utils.parametrize``):
+        the trained B stays the Parameter ``factor_parameters`` returns, and gates stack.
+        Take gates off before ``copy.deepcopy`` of the model: torch's parametrize shares
+        one generated class between the copies, so removing gates from one breaks the other.
+
+        Args:
+            name: an adapter this layer carries.
+            gate: a module whose ``forward()`` returns one multiplier per rank; its
+                parameters train with B when they require grad.
+        """
+        self._require(name)
+        with torch.no_grad():
+            shape = tuple(gate().shape)
+        if shape != (self.ranks[name],):
+            raise ConfigError(
+                f"'{self.path}': a rank gate for adapter {name!r} must return "
+                f"({self.ranks[name]},) values, got {shape}"
+            )
+        gate = _RankGate(gate, self.rank_axes[1])
+        P.register_parametrization(self.lora_B, name, gate, unsafe=True)
+        self._drop_caches()
+
+    def rank_gates(self, name: str) -> list[nn.Module]:
+        """The gates ``add_rank_gate`` put on adapter ``name``, first added first.
+
+        Args:
+            name: an adapter this layer carries.
+        """
+        self._require(name)
+        if not P.is_parametrized(self.lora_B, name):
+            return []
+        return [m.fn for m in self.lora_B.parametrizations[name]]
+
+    def remove_rank_gates(self, name: str, fold: bool = True) -> None:
+        """Take every rank gate off adapter ``name``.
+
+        Args:
+            name: an adapter this layer carries.
+            fold: keep the gated values in B (``B diag(g)``); else B reverts to the
+                trained values.
+        """
+        self._require(name)
+        if P.is_parametrized(self.lora_B, name):
+            P.remove_parametrizations(self.lora_B, name, leave_parametrized=fold)
+            self._drop_caches()
+
+    def _state_key(self, names) -> tuple:
+        """Scales and tensor versions of all the forward reads for ``names`` (trained
+        factors, rank gates): a cache keyed on it is rebuilt after any change to them."""
+        tensors = []
+        for n in names:
+            tensors += self.factor_parameters(n)
+            for g in self.rank_gates(n):
+                tensors += [*g.parameters(), *g.buffers()]
+        scales = tuple(self.scaling[n] for n in names)
+        return scales, tuple((t._version, t.data_ptr()) for t in tensors)
+
+    def _drop_caches(self) -> None:
+        self._eval_cache = self._stack_cache = self._cat_cache = None
+
     def set_active(self, pairs: list[tuple[str, float]]) -> None:
+        """The active set of this layer; names it does not carry are skipped.
+
+        Args:
+            pairs: (adapter name, weight) for each active adapter.
+        """
         if self.merged is not None:
             raise MergedError(f"'{self.path}' is merged; unmerge before changing the active set")
         self.active = tuple((n, float(w)) for n, w in pairs if n in self.lora_A)
@@ -143,7 +443,11 @@ class AdapterLayer(nn.Module):
 
     # ----------------------------------------------------------- merging
     def delta_weight(self, pairs: tuple[tuple[str, float], ...]) -> torch.Tensor:
-        """``sum_i w_i s_i B_i A_i`` in the base weight's shape (the merge math, once)."""
+        """``sum_i w_i s_i B_i A_i`` in the base weight's shape (the merge math, once).
+
+        Args:
+            pairs: (adapter name, weight) for each adapter to sum.
+        """
         w = self.base_weight()
         delta = torch.zeros(w.shape[0], w[0].numel(), device=w.device, dtype=torch.float32)
         for name, weight in pairs:
@@ -175,13 +479,12 @@ class AdapterLayer(nn.Module):
         # weight is cached beside the (untouched) base weight and rebuilt when the
         # active set, any factor or the base weight changes.
         w = self.base_weight()
-        params = [p for n, _ in self.active for p in self.adapter_parameters(n)]
         key = (
             self.active,
             w._version,
             w.data_ptr(),
             w.dtype,
-            tuple((p._version, p.data_ptr()) for p in params),
+            self._state_key([n for n, _ in self.active]),
         )
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
@@ -234,7 +537,7 @@ class AdapterLayer(nn.Module):
         """
         names = self.mix_names
         params = [p for n in names for p in self.adapter_parameters(n)]
-        key = (names, tuple((p._version, p.data_ptr()) for p in params))
+        key = (names, self._state_key(names))
         if self._cat_cache is not None and self._cat_cache[0] == key:
             return self._cat_cache[1:]
         pairs = [self.factors_2d(n) for n in names]
@@ -258,8 +561,7 @@ class AdapterLayer(nn.Module):
         Cached while no factor changes and gradients are off.
         """
         names = self.row_names
-        params = [p for n in names for p in self.adapter_parameters(n)]
-        key = (names, transposed, tuple((p._version, p.data_ptr()) for p in params))
+        key = (names, transposed, self._state_key(names))
         if self._stack_cache is not None and self._stack_cache[0] == key:
             return self._stack_cache[1], self._stack_cache[2]
         pairs = [

@@ -20,6 +20,10 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
     Each layer gathers its stacked A/B factors by row and adds them with two
     batched matmuls (the S-LoRA/Punica BGMV form): the cost does not grow with
     the number of distinct adapters.
+
+    Args:
+        model: the adapted model (unmerged).
+        rows: per batch row, an adapter name or None for the base alone.
     """
     names = sorted({r for r in rows if r is not None})
     _resolve(model, names)
@@ -28,7 +32,7 @@ def mixed_batch(model: nn.Module, rows: Sequence[str | None]) -> Iterator[None]:
         raise MergedError("mixed_batch needs unmerged adapters; call sb.unmerge(model)")
     try:
         for layer in layers:
-            here = tuple(n for n in names if n in layer.lora_A)
+            here = tuple(n for n in names if layer.has_adapter(n))
             slot = {n: i for i, n in enumerate(here, start=1)}
             device = layer.base_weight().device
             layer.row_names = here
@@ -50,6 +54,11 @@ def composed(model: nn.Module, names: Sequence[str], weights: torch.Tensor) -> I
     weights, so the cost is two products of rank ``sum of ranks`` whatever the
     batch. Gradients reach ``weights`` (a compositor can learn them) and any
     trainable adapter. Active adapters still apply on top.
+
+    Args:
+        model: the adapted model (unmerged).
+        names: the K adapters to mix.
+        weights: (rows, K) mixture weights, batch-first.
     """
     names = list(names)
     _resolve(model, names)
@@ -62,7 +71,7 @@ def composed(model: nn.Module, names: Sequence[str], weights: torch.Tensor) -> I
         raise MergedError("composed needs unmerged adapters; call sb.unmerge(model)")
     try:
         for layer in layers:
-            cols = [k for k, n in enumerate(names) if n in layer.lora_A]
+            cols = [k for k, n in enumerate(names) if layer.has_adapter(n)]
             if cols:
                 layer.mix_names = tuple(names[k] for k in cols)
                 layer.mix = weights[:, cols].to(layer.base_weight().device)
