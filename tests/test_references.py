@@ -228,10 +228,8 @@ def test_an_interrupted_reference_run_resumes_by_starting_its_seed_over(
 
         return original(*a, on_task=hook, **k)
 
-    kw = {"ewc": {"train": FAST}}
-    monkeypatch.setattr(runner, "run_seed", crash_after_first_task)
-    with pytest.raises(KeyboardInterrupt):
-        runner.bench(
+    def run(resume=False):
+        return runner.bench(
             stream,
             ["ewc"],
             backbone=model,
@@ -239,8 +237,13 @@ def test_an_interrupted_reference_run_resumes_by_starting_its_seed_over(
             seeds=(0,),
             out=out,
             device="cpu",
-            learner_kwargs=kw,
-        )
+            resume=resume,
+            learner_kwargs={"ewc": {"train": FAST}},
+        )["ewc"]
+
+    monkeypatch.setattr(runner, "run_seed", crash_after_first_task)
+    with pytest.raises(KeyboardInterrupt):
+        run()
     monkeypatch.setattr(runner, "run_seed", original)
     trained = []
     fit = runner.Learner.fit
@@ -249,16 +252,6 @@ def test_an_interrupted_reference_run_resumes_by_starting_its_seed_over(
         "fit",
         lambda self, m, t, b=None: trained.append(t.name) or fit(self, m, t, b),
     )
-    result = runner.bench(
-        stream,
-        ["ewc"],
-        backbone=model,
-        bank=bank,
-        seeds=(0,),
-        out=out,
-        device="cpu",
-        resume=True,
-        learner_kwargs=kw,
-    )["ewc"]
+    result = run(resume=True)
     assert trained == [t.name for t in stream]  # both tasks again, from the start
     assert np.asarray(result.runs[0].R).shape == (3, 2)
