@@ -432,6 +432,9 @@ def _bench(
         for seed in ctx.each_seed():
             key = f"{learner.name}/{seed}"
             state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
+            if state is not None and state.done < len(stream) and not learner.resumable:
+                ctx.log(f"{learner.name} seed {seed}: cannot resume mid-stream, starting over")
+                state = None
             if state is None or state.done < len(stream):
 
                 def save(st, key=key):

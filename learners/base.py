@@ -273,6 +273,10 @@ class Learner:
 
     name: ClassVar[str] = "lora"
     inference: ClassVar[str] = "route"
+    # Whether a run can continue mid-stream from the bank alone (``--resume``). A learner
+    # that carries state between tasks outside its skills (a Fisher, an old model, a
+    # replay buffer) sets it False, and the runner starts its unfinished seeds over.
+    resumable: ClassVar[bool] = True
 
     rank: int = 8
     alpha: float | None = None  # default 2 * rank

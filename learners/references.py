@@ -58,6 +58,7 @@ class Reference(Learner):
     inference: ClassVar[str] = "direct"
     restores_head: ClassVar[bool] = False
     schedule: ClassVar[str] = "sequential"
+    resumable: ClassVar[bool] = False  # EWC's Fisher, LwF's old model, the buffer live here
     mask_logits: bool = False  # class-IL: cross-entropy over the whole head, as Avalanche does
     tune: str = "full"
 

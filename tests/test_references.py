@@ -210,3 +210,48 @@ def test_report_prints_the_tables_of_results_json(model, stream, tmp_path):
     assert md.exit_code == 0 and f"| simplecil | {acc:.1f} ± 0.0 |" in md.output
     missing = cli.invoke(app, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code == 1 and "no results.json" in missing.output
+
+
+def test_an_interrupted_reference_run_resumes_by_starting_its_seed_over(
+    model, stream, tmp_path, monkeypatch
+):
+    # EWC's Fisher lives in the learner, not the bank: resuming mid-stream would silently
+    # drop it, so the runner re-runs the seed instead of crashing or continuing wrongly
+    out, bank = tmp_path / "run", tmp_path / "bank"
+    original = runner.run_seed
+
+    def crash_after_first_task(*a, on_task=None, **k):
+        def hook(state):
+            on_task(state)
+            if state.done == 1:
+                raise KeyboardInterrupt
+
+        return original(*a, on_task=hook, **k)
+
+    def run(resume=False):
+        return runner.bench(
+            stream,
+            ["ewc"],
+            backbone=model,
+            bank=bank,
+            seeds=(0,),
+            out=out,
+            device="cpu",
+            resume=resume,
+            learner_kwargs={"ewc": {"train": FAST}},
+        )["ewc"]
+
+    monkeypatch.setattr(runner, "run_seed", crash_after_first_task)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(runner, "run_seed", original)
+    trained = []
+    fit = runner.Learner.fit
+    monkeypatch.setattr(
+        runner.Learner,
+        "fit",
+        lambda self, m, t, b=None: trained.append(t.name) or fit(self, m, t, b),
+    )
+    result = run(resume=True)
+    assert trained == [t.name for t in stream]  # both tasks again, from the start
+    assert np.asarray(result.runs[0].R).shape == (3, 2)

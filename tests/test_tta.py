@@ -18,14 +18,7 @@ from learners import BNAdapt, SourceOnly, Tent, ViDA, create_method, online
 from learners.tta import norm_affine_parameters
 from learners.vida import HIGH, LOW, allot, augment, ema_update, uncertainty
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and much faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
