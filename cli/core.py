@@ -111,8 +111,11 @@ def err() -> Console:
 
 
 def progress() -> Console:
-    """Progress lines: stderr, timestamped, no source paths; silent under ``--quiet``."""
-    return Console(stderr=True, highlight=False, log_path=False, quiet=state().quiet)
+    """Progress lines: stderr, timestamped, never wrapped (logs are grepped); silent under
+    ``--quiet``."""
+    return Console(
+        stderr=True, highlight=False, log_path=False, soft_wrap=True, quiet=state().quiet
+    )
 
 
 def emit_json(doc: Any) -> None:

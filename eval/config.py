@@ -140,7 +140,7 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
                 f"nproc={cfg.nproc} needs that many processes: run `skillbank bench --nproc "
                 f"{cfg.nproc}` or `torchrun --nproc-per-node {cfg.nproc} -m cli bench`"
             )
-        return _execute(cfg, console or Console(stderr=True, log_path=False), bank)
+        return _execute(cfg, console or Console(stderr=True, log_path=False, soft_wrap=True), bank)
     finally:
         distributed.shutdown(created)
 

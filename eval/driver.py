@@ -184,7 +184,7 @@ def open_run(
     if console is None:
         from rich.console import Console
 
-        console = Console(stderr=True, log_path=False)
+        console = Console(stderr=True, log_path=False, soft_wrap=True)
     return open_context(
         bank,
         seeds=cfg.seeds,

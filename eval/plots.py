@@ -1,4 +1,5 @@
-"""PNG plots of a run: accuracy matrices, accuracy per task over time, forgetting."""
+"""PNG plots of a run: accuracy matrices, accuracy per task over time, forgetting, and a
+small summary picture (the first learner's matrix beside everyone's forgetting)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,12 @@ def _pyplot():
     return plt
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(plt, fig, path: Path, dpi: int = 120) -> Path:
     """``fig`` to ``path`` atomically (the format from its suffix), then closed."""
     fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
+            fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path
@@ -39,6 +40,7 @@ def plot_all(results: dict[str, RunResult], out: Path) -> list[Path]:
         heatmaps(results, out / "accuracy_matrix.png"),
         over_time(results, out / "accuracy_over_time.png"),
         forgetting(results, out / "forgetting.png"),
+        summary(results, out / "summary.png"),
     ]
 
 
@@ -47,23 +49,19 @@ def heatmaps(results: dict[str, RunResult], path: Path) -> Path:
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(3.2 * len(results), 3.2), squeeze=False)
     for ax, (name, r) in zip(axes[0], results.items(), strict=True):
-        R = r.R
-        ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
-        for i in range(R.shape[0]):
-            for j in range(R.shape[1]):
-                ax.text(
-                    j,
-                    i,
-                    f"{100 * R[i, j]:.0f}",
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if R[i, j] < 0.6 else "black",
-                )
-        ax.set_title(name)
-        ax.set_xlabel("task j")
-        ax.set_ylabel("after task i (0 = before)")
+        _matrix(ax, r.R, name)
     return _save(plt, fig, path)
+
+
+def _matrix(ax, R: np.ndarray, title: str) -> None:
+    ax.imshow(R, vmin=0, vmax=1, cmap="viridis")
+    for i in range(R.shape[0]):
+        for j in range(R.shape[1]):
+            color = "white" if R[i, j] < 0.6 else "black"
+            ax.text(j, i, f"{100 * R[i, j]:.0f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_title(title)
+    ax.set_xlabel("task j")
+    ax.set_ylabel("after task i (0 = before)")
 
 
 def over_time(results: dict[str, RunResult], path: Path) -> Path:
@@ -86,6 +84,22 @@ def forgetting(results: dict[str, RunResult], path: Path) -> Path:
     """Chaudhry forgetting per learner, mean and std over seeds."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
+    _forgetting_bars(ax, results)
+    return _save(plt, fig, path)
+
+
+def summary(results: dict[str, RunResult], path: Path) -> Path:
+    """One small picture for a README: the first learner's accuracy matrix, and the
+    forgetting of every learner."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.5, 3.2))
+    name, first = next(iter(results.items()))
+    _matrix(left, first.R, f"{name}: accuracy (%)")
+    _forgetting_bars(right, results)
+    return _save(plt, fig, path, dpi=80)
+
+
+def _forgetting_bars(ax, results: dict[str, RunResult]) -> None:
     names = list(results)
     values = [[metrics.forgetting(np.asarray(run.R)) for run in results[n].runs] for n in names]
     ax.bar(
@@ -95,4 +109,3 @@ def forgetting(results: dict[str, RunResult], path: Path) -> Path:
         capsize=4,
     )
     ax.set_ylabel("forgetting (points)")
-    return _save(plt, fig, path)

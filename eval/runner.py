@@ -271,17 +271,14 @@ class RunResult:
 
 
 def task_line(result: RunResult, stream: Stream, i: int) -> str:
-    """One log line for task ``i`` of a learner, over its seeds: accuracy on the tasks seen
-    so far after training it, routing accuracy when routed, and training time."""
+    """One log line for task ``i`` of a learner, over its seeds: mean accuracy on the tasks
+    seen so far after training it, and the training time."""
     acc = [float(np.mean(r.R[i + 1][: i + 1])) * 100 for r in result.runs]
     line = f"{result.learner:<14} task {i + 1}/{len(stream)} {stream[i].name:<16} acc {np.mean(acc):5.1f}"
     if len(acc) > 1:
         line += f" ± {np.std(acc):.1f}"
-    routing = [r.routing[i + 1] for r in result.runs if r.routing[i + 1] is not None]
-    if routing:
-        line += f"  routing {np.mean(routing) * 100:5.1f}%"
-    seconds = [r.seconds[i] for r in result.runs]
-    return line + f"  {np.mean(seconds):.1f} s/seed ({len(result.runs)} seeds)"
+    seconds = np.mean([r.seconds[i] for r in result.runs])
+    return line + f"  {seconds:.1f} s/seed ({len(result.runs)} seeds)"
 
 
 def _validate(stream: Stream, learners: list[Learner], backbone: str | nn.Module) -> None:

@@ -73,7 +73,7 @@ def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path)
     assert (doc["router"], doc["rerank"]) == ("mahalanobis", 0)  # split class-IL's default
     assert len(doc["learners"]["lora"]["R"]) == 2 and doc["versions"]["torch"]
     assert doc["learners"]["lora"]["metrics"]["acc"]["std"] is not None
-    for png in ("accuracy_matrix.png", "accuracy_over_time.png", "forgetting.png"):
+    for png in ("accuracy_matrix.png", "accuracy_over_time.png", "forgetting.png", "summary.png"):
         assert (out / png).stat().st_size > 1000
 
 
