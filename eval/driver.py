@@ -11,6 +11,7 @@ files (rank 0 alone writes, atomically). ``eval.registry`` names the protocols.
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,18 @@ RESULTS = "results.json"
 # How a protocol is started: its config, the bank (an open one, a location, or None
 # for none) and the console for progress and tables; returns the results document.
 RunProtocol = Callable[["BenchConfig", "sb.SkillBank | str | Path | None", "Console | None"], Any]
+
+
+def log_lines(console: Console) -> Callable[[str], None]:
+    """A progress sink: one timestamped line per message, never wrapped or padded (a log
+    file is read with grep and less, not at the terminal's width)."""
+
+    def line(message: str) -> None:
+        console.print(
+            f"{time.strftime('%H:%M:%S')} {message}", soft_wrap=True, markup=False, highlight=False
+        )
+
+    return line
 
 
 def new_run_id() -> str:
@@ -194,6 +207,6 @@ def open_run(
         pretrain_epochs=cfg.pretrain_epochs,
         run_id=run_id,
         console=console,
-        progress=console.log,
+        progress=log_lines(console),
         cfg=cfg,
     )

@@ -83,11 +83,21 @@ class Router:
         self._skills: dict[str, tuple[str, Skill]] = {}
 
     def register(self, ref: str, adapter: str, skill: Skill) -> None:
-        """Tell the router that ``ref`` is already on the model as adapter ``adapter``."""
+        """Tell the router that ``ref`` is already on the model as adapter ``adapter``.
+
+        Args:
+            ref: The bank ref (``name@version``).
+            adapter: The adapter name it has on the model.
+            skill: The skill itself (its head and classes are used for scoring).
+        """
         self._skills[ref] = (adapter, skill)
 
     def skill(self, ref: str) -> tuple[str, Skill]:
-        """(adapter name, skill) of a ref, attaching it on first use."""
+        """(adapter name, skill) of a ref, attaching it on first use.
+
+        Args:
+            ref: A bank ref; fetched from the bank and attached (inactive) if new.
+        """
         if ref not in self._skills:
             skill = self.bank.get(ref)
             name = adapter_name_for(ref)
@@ -142,7 +152,12 @@ class Router:
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, refs: list[str]) -> torch.Tensor:
-        """Logits of ``x`` with row i run by skill ``refs[i]`` (e.g. an oracle's choice)."""
+        """Logits of ``x`` with row i run by skill ``refs[i]`` (e.g. an oracle's choice).
+
+        Args:
+            x: A batch of inputs.
+            refs: One bank ref per row.
+        """
         chosen = sorted(set(refs))
         slot = {r: i for i, r in enumerate(chosen)}
         names = [self.skill(r)[0] for r in refs]
@@ -156,7 +171,13 @@ class Router:
     @torch.no_grad()
     def mix(self, x: torch.Tensor, refs: list[list[str]], weights: torch.Tensor) -> torch.Tensor:
         """Logits of ``x`` with row i run by ``sum_j weights[i, j] * skill refs[i][j]``
-        (adapters and heads mixed in parameter space; classes: the union of the row's skills)."""
+        (adapters and heads mixed in parameter space; classes: the union of the row's skills).
+
+        Args:
+            x: A batch of inputs.
+            refs: Per row, the refs to mix.
+            weights: (rows, k) mixing weights, aligned with ``refs``.
+        """
         chosen = sorted({r for row in refs for r in row})
         slot = {r: i for i, r in enumerate(chosen)}
         mix = torch.zeros(len(x), len(chosen))
@@ -194,5 +215,14 @@ class Router:
 
 def route(model: nn.Module, bank: SkillBank, x: torch.Tensor, k: int = 1, **kwargs: Any) -> Routed:
     """Route every row of ``x`` to its nearest skill (or the weighted mix of its ``k``
-    nearest) and run the whole batch in one forward; ``router=`` picks how (see ``Router``)."""
+    nearest) and run the whole batch in one forward.
+
+    Args:
+        model: The backbone the bank's skills were trained on.
+        bank: Where the skills (and their routing statistics) are.
+        x: A batch of inputs.
+        k: Skills per row; above 1, the score-weighted mix of the k nearest.
+        **kwargs: ``Router`` settings: ``router`` (``examples``, ``prototype``,
+            ``mahalanobis``, ``stats``), ``rerank``, ``where``, ``head`` ...
+    """
     return Router(model, bank, **kwargs)(x, k=k)

@@ -16,6 +16,7 @@ from cli import app
 from eval import data, runner, streams
 from eval.backbones import create_backbone
 from eval.describe import describe, describe_all
+from eval.driver import log_lines
 from learners import TrainConfig
 
 # progress=True: the bars must switch themselves off when stderr is not a terminal
@@ -68,7 +69,7 @@ def test_descriptions_say_what_each_task_holds(digits):
 
 def test_log_off_a_terminal_is_one_line_per_task_and_learner(stream, model, tmp_path, capsys):
     sink = io.StringIO()
-    console = Console(file=sink, force_terminal=False, log_path=False, width=200)
+    console = Console(file=sink, force_terminal=False)  # 80 columns, as in a pipe
     runner.bench(
         stream,
         ["lora", "frozen"],
@@ -77,11 +78,11 @@ def test_log_off_a_terminal_is_one_line_per_task_and_learner(stream, model, tmp_
         seeds=(0, 1),
         device="cpu",
         learner_kwargs={n: {"train": STEPS, "rank": 2} for n in ("lora", "frozen")},
-        progress=console.log,
+        progress=log_lines(console),
     )
     lines = sink.getvalue().splitlines()
     assert len(lines) == len(stream) * 2  # two learners, seeds folded into each line
-    assert all(line.strip() for line in lines)
+    assert all(line.strip() and line == line.rstrip() for line in lines)  # not blank, not padded
     assert sum("lora" in line and "task 3/5" in line for line in lines) == 1
     captured = capsys.readouterr()  # the training bars drew nothing into the captured streams
     assert captured.err.strip() == "" and "\n\n" not in captured.out
