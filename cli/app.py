@@ -61,6 +61,12 @@ def bench(
     rerank: int = typer.Option(
         None, help="Re-rank each sample's N best skills by the adapted model's confidence."
     ),
+    log: str = typer.Option(
+        None,
+        "--log",
+        help="Per-task logs, comma-separated: csv (out/tasks.csv, the default) | tensorboard "
+        "| wandb, e.g. csv,tensorboard.",
+    ),
     nproc: int = typer.Option(
         None,
         "--nproc",
@@ -96,6 +102,7 @@ def bench(
         nproc=nproc,
         router=router,
         rerank=rerank,
+        log=log,  # split at commas by the config; "" writes no per-task logs
     )
     from learners import distributed
 

@@ -10,6 +10,8 @@ from typing import Any
 import skillbank as sb
 from eval import registry, streams
 from eval.data import digits, mnist
+from eval.logs import DEFAULT_LOGS
+from eval.logs import check_names as check_log_names
 
 STREAMS = {
     "split-mnist": lambda d, c: streams.split(d, c.tasks, scenario=c.scenario, seed=c.data_seed),
@@ -59,6 +61,9 @@ class BenchConfig:
     # Passed to the router: candidates (retrieved before re-scoring), shrink
     # (mahalanobis covariance), layers (stats), e.g. {"shrink": 0.2}.
     router_options: dict[str, Any] = field(default_factory=dict)
+    # Per-task logs (continual protocol), names from eval.logs.LOGGERS: csv (out/tasks.csv),
+    # tensorboard (out/tensorboard), wandb; a list or one comma-separated string.
+    log: list[str] = field(default_factory=lambda: list(DEFAULT_LOGS))
 
     def __post_init__(self) -> None:
         defaults = registry.get_protocol(self.protocol)
@@ -92,6 +97,8 @@ class BenchConfig:
         for name in ("tasks", "rank", "epochs", "batch_size", "nproc"):
             if getattr(self, name) <= 0:
                 raise sb.ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        # per-task logs: known names only (a missing optional package fails when the run starts)
+        self.log = check_log_names(self.log)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -21,6 +21,7 @@ import contextlib
 import copy
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import skillbank as sb
-from eval import backbones
+from eval import backbones, logs
 from eval.baselines import BASELINES, union
 from eval.describe import describe, describe_all
 from eval.driver import RESULTS, Context, Protocol, open_context, open_run
@@ -332,12 +333,15 @@ def bench(
     router: str | None = None,
     rerank: int = 0,
     router_options: dict[str, Any] | None = None,
+    log: Sequence[str] = logs.DEFAULT_LOGS,
 ) -> dict[str, RunResult]:
     """Every learner over ``stream`` for every seed; results, checkpoints and plots under ``out``.
     ``router`` (default: the scenario's, ``skillbank.routers.DEFAULT_ROUTERS``), ``rerank``
-    and ``router_options`` set how routed learners find skills (see ``sb.Router``)."""
+    and ``router_options`` set how routed learners find skills (see ``sb.Router``). ``log``
+    names the per-task sinks (``eval.logs.LOGGERS``; the CSV is written only with ``out``)."""
     objs = _learners(learners, learner_kwargs or {})
     _validate(stream, objs, backbone)
+    log = logs.check(log)  # a missing optional sink fails before the bank and backbone
     out = Path(out) if out is not None else None
     ckpt = _load_checkpoint(out, resume)
     with open_context(
@@ -351,7 +355,14 @@ def bench(
         progress=progress,
     ) as ctx:
         return _bench(
-            ctx, stream, objs, ckpt, router=router, rerank=rerank, router_options=router_options
+            ctx,
+            stream,
+            objs,
+            ckpt,
+            router=router,
+            rerank=rerank,
+            router_options=router_options,
+            log=log,
         )
 
 
@@ -369,6 +380,7 @@ def bench_protocol(
         for n in cfg.learners
     }
     objs = _learners(cfg.learners, kwargs)  # unknown names fail here, before any data is loaded
+    logs.check(cfg.log)
     stream = build_stream(cfg)
     _validate(stream, objs, cfg.backbone)
     out = Path(cfg.out)
@@ -383,6 +395,7 @@ def bench_protocol(
             router=cfg.router,
             rerank=cfg.rerank,
             router_options=cfg.router_options,
+            log=cfg.log,
         )
         if distributed.is_main():
             print_table(results)
@@ -413,14 +426,46 @@ def _bench(
     router: str | None = None,
     rerank: int = 0,
     router_options: dict[str, Any] | None = None,
+    log: Sequence[str] = logs.DEFAULT_LOGS,
 ) -> dict[str, RunResult]:
     """The continual protocol in an open run: every learner, every seed; rank 0 writes.
     ``router`` None is the scenario's default (``skillbank.routers.default_router``)."""
-    from eval.plots import plot_all
-    from eval.report import results_doc
     from skillbank.routers import default_router
 
     router = router or default_router(stream.scenario)
+    setup = logs.LogSetup(
+        ctx.out,
+        ctx.run_id,
+        len(stream),
+        resume="run_id" in ckpt,  # a checkpoint was read: append to the run's rows
+        config=ctx.cfg.to_dict() if ctx.cfg is not None else _config(ctx, stream, learners),
+    )
+    with logs.open_loggers(log, setup) as sinks:  # before pretraining: a missing sink fails first
+        return _bench_logged(ctx, stream, learners, ckpt, sinks, router, rerank, router_options)
+
+
+def _config(ctx: Context, stream: Stream, learners: list[Learner]) -> dict[str, Any]:
+    """What a run from the Python API is, for sinks that record it (wandb)."""
+    return {
+        "stream": stream.name,
+        "learners": [lr.name for lr in learners],
+        "seeds": list(ctx.seeds),
+        "backbone": str(ctx.backbone) if isinstance(ctx.backbone, str) else "module",
+    }
+
+
+def _bench_logged(
+    ctx: Context,
+    stream: Stream,
+    learners: list[Learner],
+    ckpt: dict,
+    sinks: logs.Loggers,
+    router: str,
+    rerank: int,
+    router_options: dict[str, Any] | None,
+) -> dict[str, RunResult]:
+    from eval.plots import plot_all
+    from eval.report import results_doc
 
     base = ctx.pretrained(stream.source, stream.n_classes)
     results: dict[str, RunResult] = {}
@@ -434,8 +479,9 @@ def _bench(
                 state = None
             if state is None or state.done < len(stream):
 
-                def save(st, key=key):
+                def save(st, key=key, name=learner.name, seed=seed):
                     _save_checkpoint(ctx, key, st, ckpt)
+                    sinks.log(logs.task_record(ctx.run_id, name, seed, stream, st))
 
                 state = run_seed(
                     stream,
