@@ -3,8 +3,9 @@
 Names resolve in this order: our presets (`PRESETS`, small timm ViTs sized for
 28 x 28 inputs on a CPU), ``"open_clip:<model>"`` (an open_clip vision tower
 built with random weights plus a linear head), then any timm model name.
-Nothing here downloads: timm and open_clip models are built with
-``pretrained=False`` / ``pretrained=None``; weights come only from local files.
+Nothing here downloads unless asked: `create_backbone` and `pretrain` build timm
+and open_clip models with random weights (or a local file); `from_weights` fetches
+a timm model's published weights only with ``pretrained=True``.
 """
 
 from __future__ import annotations
@@ -158,17 +159,150 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"weights file {str(p)!r} not found")
+    model.load_state_dict(_read_state(p), strict=True)
+    return model
+
+
+def _read_state(p: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors, or from a torch file read with ``weights_only=True``."""
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(p))
-    else:
-        state = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle code
-        for key in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-    model.load_state_dict(state, strict=True)
-    return model
+        return load_file(str(p))
+    state = torch.load(p, map_location="cpu", weights_only=True)  # never unpickle code
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+# --------------------------------------------------------------------------- published weights
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def check_weights_spec(name: str, pretrained: bool, weights: str | Path | None) -> None:
+    """Refuse a bad ``pretrained`` / ``weights`` pair before any data is read."""
+    if pretrained and weights is not None:
+        raise ConfigError("set either pretrained: true (weights from the hub) or weights: PATH")
+    if not (pretrained or weights is not None):
+        return
+    if name in PRESETS or name.startswith("open_clip:"):
+        raise ConfigError(
+            f"pretrained/weights need a timm model name with published weights, not {name!r}"
+        )
+    check_name(name)
+    if weights is not None:
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"weights file {str(p)!r} not found")
+        if p.suffix not in WEIGHT_SUFFIXES:
+            raise ConfigError(
+                f"weights file {str(p)!r}: expected one of {', '.join(WEIGHT_SUFFIXES)} "
+                "(safetensors, or a torch state dict readable with weights_only=True)"
+            )
+
+
+class InputAdapter:
+    """A forward pre-hook on ``patch_embed``: resize images to the size the weights were
+    trained at and normalise them as they were, so streams keep small [0, 1] images
+    in memory (CIFAR stays 32 x 32) and every path into the model (forward,
+    forward_features) sees the same input."""
+
+    def __init__(self, size: tuple[int, int], mean: Any, std: Any) -> None:
+        self.size = tuple(size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        if x.shape[1] == 1 and self.mean.shape[1] == 3:
+            x = x.expand(-1, 3, -1, -1)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x.device, x.dtype)) / self.std.to(x.device, x.dtype)
+        return (x, *args[1:])
+
+
+def from_weights(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **kw: Any,
+) -> nn.Module:
+    """A timm model at its native input size with published weights and a fresh head.
+
+    ``pretrained`` fetches the weights from the hub (a clear error when offline);
+    ``weights`` reads a local file (safetensors, or a torch state dict through
+    ``weights_only=True``; never unpickled). Every weight but the classifier must
+    match. The head is initialised from ``seed``. Returns the model in eval mode
+    with ``pretrain_info`` like `pretrain`'s (nothing trained, so no accuracy).
+    """
+    import timm
+
+    check_weights_spec(name, pretrained, weights)
+    if not (pretrained or weights is not None):
+        raise ConfigError("from_weights needs pretrained=True or weights=PATH")
+    with torch.random.fork_rng(devices=[]):  # seed the head without touching the caller's RNG
+        torch.default_generator.manual_seed(seed)
+        try:
+            model = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, **kw)
+        except (OSError, RuntimeError, ValueError) as e:  # hub errors subclass these
+            if not pretrained:
+                raise
+            raise ConfigError(
+                f"could not fetch the pretrained weights of {name!r} ({type(e).__name__}: {e}); "
+                "when offline, download them once elsewhere and set weights: PATH "
+                "(a .safetensors file) instead of pretrained: true"
+            ) from e
+    if weights is not None:
+        _load_backbone_weights(model, Path(weights).expanduser())
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    grid = getattr(getattr(model, "patch_embed", None), "img_size", None)  # what the model takes
+    size = tuple(grid) if grid is not None else tuple(cfg.get("input_size", (3, 224, 224))[1:])
+    adapter = InputAdapter(size, cfg.get("mean", (0.5,) * 3), cfg.get("std", (0.5,) * 3))
+    # ViTs: on the patch embedding, so forward_features adapts too; other models: on forward.
+    getattr(model, "patch_embed", model).register_forward_pre_hook(adapter)
+    source = str(weights) if weights is not None else f"hub:{name}"
+    model.pretrain_info = {
+        "cached": True,
+        "path": source,
+        "key": hashlib.sha256(source.encode()).hexdigest()[:20],
+        "test_acc": float("nan"),
+        "train_seconds": 0.0,
+    }
+    return model.to(resolve_device(device)).eval()
+
+
+def _load_backbone_weights(model: nn.Module, path: Path) -> None:
+    """Every weight but the classifier, strictly; the classifier keeps its fresh init."""
+    import pickle
+
+    try:
+        state = _read_state(path)
+    except (pickle.UnpicklingError, RuntimeError, OSError, ValueError) as e:
+        raise ConfigError(
+            f"weights file {str(path)!r} is not a plain state dict (safetensors, or torch "
+            f"tensors readable with weights_only=True); refusing it: {e}"
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"weights file {str(path)!r} does not hold a state dict of tensors")
+    head = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "head")
+    own = model.state_dict()
+    body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    missing = sorted(k for k in own if not k.startswith(f"{head}.") and k not in body)
+    unexpected = sorted(k for k in body if k not in own)
+    wrong = sorted(k for k in body if k in own and own[k].shape != body[k].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(
+            f"weights file {str(path)!r} does not fit {type(model).__name__}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {wrong[:5]}"
+        )
+    model.load_state_dict(body, strict=False)
 
 
 # --------------------------------------------------------------------------- pretraining

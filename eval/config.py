@@ -9,7 +9,8 @@ from typing import Any
 
 import skillbank as sb
 from eval import registry, streams
-from eval.data import digits, mnist
+from eval.data import ImageData, cifar100, digits, load_image_folder, mnist
+from eval.errors import InvalidStream
 from eval.logs import DEFAULT_LOGS
 from eval.logs import check_names as check_log_names
 
@@ -64,6 +65,13 @@ class BenchConfig:
     # Per-task logs (continual protocol), names from eval.logs.LOGGERS: csv (out/tasks.csv),
     # tensorboard (out/tensorboard), wandb; a list or one comma-separated string.
     log: list[str] = field(default_factory=lambda: list(DEFAULT_LOGS))
+    # --- standard benchmarks on your own data (configs/split-cifar100.yaml, configs/imagenet-r.yaml)
+    data_root: str | None = None  # the data's folder (CIFAR-100: holds cifar-100-python/)
+    download: bool = False  # split-cifar100: fetch the data into data_root (only when asked)
+    class_order_seed: int | None = None  # shuffle classes as PyCIL does (seed 1993); None: sorted
+    image_size: int | None = None  # image-folder: resize every image to this square side on load
+    pretrained: bool = False  # a timm backbone with its published weights (from the hub)
+    weights: str | None = None  # ... or read from a local file (safetensors, or weights_only torch)
 
     def __post_init__(self) -> None:
         defaults = registry.get_protocol(self.protocol)
@@ -75,7 +83,8 @@ class BenchConfig:
             raise sb.ConfigError(f"unknown stream {self.stream!r}; choose from {sorted(STREAMS)}")
         if self.scenario not in ("class", "task"):
             raise sb.ConfigError(f"scenario must be 'class' or 'task', got {self.scenario!r}")
-        if not 0.0 < self.source_fraction < 1.0:
+        with_weights = self.pretrained is True or self.weights is not None  # no source needed
+        if not (0.0 < self.source_fraction < 1.0 or (with_weights and self.source_fraction == 0)):
             raise sb.ConfigError(f"source_fraction must be in (0, 1), got {self.source_fraction}")
         if set(self.learner_options) - set(self.learners):
             raise sb.ConfigError(
@@ -99,6 +108,43 @@ class BenchConfig:
                 raise sb.ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         # per-task logs: known names only (a missing optional package fails when the run starts)
         self.log = check_log_names(self.log)
+        self._check_standard()
+
+    def _check_standard(self) -> None:
+        """The keys of the standard benchmarks: each only where it means something."""
+        from eval.backbones import check_weights_spec
+
+        for name in ("download", "pretrained"):
+            if not isinstance(getattr(self, name), bool):
+                raise sb.ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.stream in USER_DATA:
+            if not self.data_root:
+                raise sb.ConfigError(
+                    f"stream {self.stream!r} reads your copy of the data: set data_root in "
+                    "the config file (e.g. data_root: ~/data)"
+                )
+        else:
+            keys = ("data_root", "class_order_seed", "image_size")
+            given = [k for k in keys if getattr(self, k) is not None]
+            if given or self.download:
+                raise sb.ConfigError(
+                    f"{given or ['download']} apply to the streams {sorted(USER_DATA)}, "
+                    f"not {self.stream!r}"
+                )
+        if self.download and self.stream != "split-cifar100":
+            raise sb.ConfigError(
+                f"download: true works for split-cifar100 only; put {self.stream!r} data "
+                f"under data_root yourself"
+            )
+        if self.image_size is not None and (
+            self.stream != "image-folder"
+            or isinstance(self.image_size, bool)
+            or self.image_size <= 0
+        ):
+            raise sb.ConfigError(
+                f"image_size must be a positive int, for stream 'image-folder', got {self.image_size!r}"
+            )
+        check_weights_spec(self.backbone, self.pretrained, self.weights)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,9 +172,52 @@ def load(path: str | Path | None = None, **overrides: Any) -> BenchConfig:
 
 
 def build_stream(cfg: BenchConfig) -> streams.Stream:
+    if cfg.stream in USER_DATA:
+        return STREAMS[cfg.stream](USER_DATA[cfg.stream](cfg), cfg)
     load = digits if cfg.stream.endswith("digits") else mnist
     data = load(seed=cfg.data_seed, source_fraction=cfg.source_fraction)
     return STREAMS[cfg.stream](data, cfg)
+
+
+# --------------------------------------------------------------------------- standard benchmarks
+
+
+def _user_split(data: ImageData, cfg: BenchConfig) -> streams.Stream:
+    """Class groups in PyCIL's order when ``class_order_seed`` is set, else sorted."""
+    seed = cfg.class_order_seed
+    order = None if seed is None else streams.legacy_order(data.classes, seed)
+    try:
+        return streams.split(data, cfg.tasks, scenario=cfg.scenario, class_order=order)
+    except InvalidStream as e:
+        raise sb.ConfigError(str(e)) from e
+
+
+def _image_folder(cfg: BenchConfig) -> ImageData:
+    root = Path(cfg.data_root).expanduser()
+    if not root.is_dir():
+        raise sb.ConfigError(
+            f"image folder {str(root)!r} not found: data_root must hold one folder per class "
+            "(root/<class>/*.jpg) or root/train/<class>/ and root/test/<class>/; nothing is "
+            "downloaded for this stream"
+        )
+    size = cfg.image_size
+    return load_image_folder(
+        root,
+        seed=cfg.data_seed,
+        source_fraction=cfg.source_fraction,
+        size=None if size is None else (size, size),
+        mode="RGB",
+    )
+
+
+# Streams over data the user keeps (or downloads on request) under data_root: name -> loader.
+USER_DATA = {
+    "split-cifar100": lambda c: cifar100(
+        c.data_root, download=c.download, seed=c.data_seed, source_fraction=c.source_fraction
+    ),
+    "image-folder": _image_folder,
+}
+STREAMS.update({name: _user_split for name in USER_DATA})
 
 
 def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = None) -> dict:

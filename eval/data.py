@@ -423,3 +423,53 @@ def _read_image(p: Path, state: dict[str, Any], size: int | tuple[int, int] | No
             "pass size=(H, W) to resize"
         )
     return t.float().div_(255.0)
+
+
+# --------------------------------------------------------------------------- standard datasets
+
+CIFAR100_FOLDER = "cifar-100-python"
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+
+
+def cifar100(
+    root: str | Path,
+    *,
+    download: bool = False,
+    seed: int = 0,
+    source_fraction: float = 0.0,
+) -> ImageData:
+    """CIFAR-100 (3 x 32 x 32, 500 train / 100 test images per class) via torchvision.
+
+    Reads ``root/cifar-100-python/`` (torchvision's layout, checksums checked by
+    torchvision). It downloads there only with ``download=True``; otherwise absent
+    data is a `ConfigError` naming the folder and how to get it.
+    """
+    from skillbank.errors import ConfigError
+
+    folder = Path(root).expanduser() / CIFAR100_FOLDER
+    if not download and not all((folder / f).is_file() for f in ("train", "test", "meta")):
+        raise ConfigError(
+            f"CIFAR-100 not found: {str(folder)!r} must hold train, test and meta. Set "
+            f"download: true to fetch it there, or extract {CIFAR100_URL} into "
+            f"{str(folder.parent)!r}"
+        )
+    try:
+        from torchvision.datasets import CIFAR100
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("cifar100() needs torchvision: pip install torchvision") from e
+    try:
+        splits = [CIFAR100(str(folder.parent), train=t, download=download) for t in (True, False)]
+    except RuntimeError as e:  # torchvision: missing or corrupted files
+        raise ConfigError(f"CIFAR-100 under {str(folder)!r} cannot be read: {e}") from e
+    (xtr, ytr), (xte, yte) = [(np.asarray(d.data), np.asarray(d.targets)) for d in splits]
+    return make_data(
+        np.ascontiguousarray(xtr.transpose(0, 3, 1, 2)),  # N x H x W x C uint8 -> N x C x H x W
+        ytr,
+        np.ascontiguousarray(xte.transpose(0, 3, 1, 2)),
+        yte,
+        name="cifar100",
+        source_fraction=source_fraction,
+        seed=seed,
+        classes=range(100),
+        metadata={"origin": str(folder), "class_names": list(splits[0].classes)},
+    )

@@ -103,6 +103,15 @@ class Context:
         """The run's backbone: a given module as is, or a name pretrained on ``source`` (cached)."""
         if isinstance(self.backbone, nn.Module):
             return self.backbone
+        if self.cfg is not None and (self.cfg.pretrained or self.cfg.weights is not None):
+            return backbones.from_weights(  # published weights: no source pretraining
+                self.backbone,
+                num_classes,
+                pretrained=self.cfg.pretrained,
+                weights=self.cfg.weights,
+                seed=seed,
+                device=str(self.device),
+            )
         if source is None:
             raise sb.ConfigError(
                 f"backbone {self.backbone!r} by name needs a stream with a source split to pretrain on"

@@ -48,6 +48,7 @@ __all__ = [
     "from_tasks",
     "from_tensors",
     "image_folder",
+    "legacy_order",
     "load_image_folder",
     "make_data",
     "mnist",
@@ -206,6 +207,17 @@ def split(
             )
         )
     return Stream(tuple(tasks), scenario, _n_classes(data), data.source, f"split-{data.name}")
+
+
+def legacy_order(classes: Sequence[int], seed: int) -> list[int]:
+    """The class order PyCIL and LAMDA-PILOT use: ``np.random.seed(seed);
+    np.random.permutation(n)`` over the sorted classes (their CIFAR-100 order is seed 1993).
+
+    NumPy's legacy generator keeps this stable across NumPy versions; a private
+    ``RandomState`` leaves the global one alone.
+    """
+    ordered = sorted(int(c) for c in classes)
+    return [ordered[i] for i in np.random.RandomState(seed).permutation(len(ordered))]
 
 
 def permuted(data: ImageData, n_tasks: int = 5, seed: int = 0, keep_first: bool = True) -> Stream:
