@@ -138,6 +138,36 @@ def unit(i: int, scale: float = 1.0) -> torch.Tensor:
     return v
 
 
+def tiny_digit_split(images: int, tasks: int | None = None, name: str | None = "tiny"):
+    """The first ``tasks`` of split 8x8 digits (5 tasks), ``images`` train and test images
+    each, with the real source split; ``name=None`` keeps the split's own name."""
+    from eval import data, streams
+
+    d = data.digits(seed=0)
+    s = streams.split(d, n_tasks=5)
+    small = [
+        data.Task(
+            t.name,
+            t.x_train[:images],
+            t.y_train[:images],
+            t.x_test[:images],
+            t.y_test[:images],
+            t.classes,
+            metadata=t.metadata,
+        )
+        for t in s.tasks[:tasks]
+    ]
+    return streams.from_tasks(small, "class", n_classes=10, source=d.source, name=name or s.name)
+
+
+def nano_vit() -> nn.Module:
+    """A seeded nano ViT on 8x8 inputs: the smallest backbone the runner accepts."""
+    from eval.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone("vit_nano", img_size=8).eval()
+
+
 def _pg_bin(tool: str) -> str | None:
     """A PostgreSQL server tool on PATH or in Debian's versioned bin directory."""
     found = shutil.which(tool)

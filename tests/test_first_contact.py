@@ -7,14 +7,13 @@ import io
 import json
 
 import pytest
-import torch
+from helpers import nano_vit, tiny_digit_split
 from rich.console import Console
 from typer.testing import CliRunner
 
 import skillbank as sb
 from cli import app
 from eval import data, runner, streams
-from eval.backbones import create_backbone
 from eval.describe import describe, describe_all
 from eval.driver import log_lines
 from learners import TrainConfig
@@ -29,29 +28,14 @@ def digits():
 
 
 @pytest.fixture(scope="module")
-def stream(digits):
-    """Five 8x8-digit tasks of 30 training images each."""
-    s = streams.split(digits, n_tasks=5)
-    small = [
-        data.Task(
-            t.name,
-            t.x_train[:30],
-            t.y_train[:30],
-            t.x_test[:30],
-            t.y_test[:30],
-            t.classes,
-            t.task_id,
-            t.metadata,
-        )
-        for t in s
-    ]
-    return streams.from_tasks(small, "class", n_classes=10, source=digits.source, name=s.name)
+def stream():
+    """Five 8x8-digit tasks of 30 training images each, under the split's own name."""
+    return tiny_digit_split(30, name=None)
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return create_backbone("vit_nano", img_size=8).eval()
+    return nano_vit()
 
 
 def test_descriptions_say_what_each_task_holds(digits):

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import nano_vit, tiny_digit_split
 
-from eval import data, runner, streams
-from eval.backbones import create_backbone
+from eval import runner
 from learners import EWC, LwF, ReservoirBuffer, SimpleCIL, TrainConfig, create_learner
 from learners.lwf import distillation
 from skillbank.embed import features
@@ -21,20 +21,12 @@ FAST = TrainConfig(steps=3, batch_size=16, progress=False, device="cpu")
 
 @pytest.fixture(scope="module")
 def stream():
-    """Two 8x8-digit tasks of 40 training images each: enough to see every mechanism."""
-    d = data.digits(seed=0)
-    s = streams.split(d, n_tasks=5)
-    small = [
-        data.Task(t.name, t.x_train[:40], t.y_train[:40], t.x_test[:40], t.y_test[:40], t.classes)
-        for t in s.tasks[:2]
-    ]
-    return streams.from_tasks(small, "class", n_classes=10, source=d.source, name="tiny")
+    return tiny_digit_split(40, tasks=2)  # enough to see every mechanism
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return create_backbone("vit_nano", img_size=8).eval()
+    return nano_vit()
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away_from_it(model, stream):

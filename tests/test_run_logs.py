@@ -10,13 +10,12 @@ import types
 
 import numpy as np
 import pytest
-import torch
+from helpers import nano_vit, tiny_digit_split
 from typer.testing import CliRunner
 
 import skillbank as sb
 from cli import app
-from eval import data, logs, runner, streams
-from eval.backbones import create_backbone
+from eval import logs, runner
 from eval.config import BenchConfig
 from eval.metrics import forgetting
 from learners import TrainConfig
@@ -26,20 +25,12 @@ STEPS = TrainConfig(steps=2, batch_size=16, progress=False, device="cpu")
 
 @pytest.fixture(scope="module")
 def stream():
-    """Two 8x8-digit tasks of 30 training images each."""
-    d = data.digits(seed=0)
-    s = streams.split(d, n_tasks=5)
-    small = [
-        data.Task(t.name, t.x_train[:30], t.y_train[:30], t.x_test[:30], t.y_test[:30], t.classes)
-        for t in s.tasks[:2]
-    ]
-    return streams.from_tasks(small, "class", n_classes=10, source=d.source, name="tiny")
+    return tiny_digit_split(30, tasks=2)
 
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return create_backbone("vit_nano", img_size=8).eval()
+    return nano_vit()
 
 
 def _bench(stream, model, tmp_path, learners=("lora",), seeds=(0,), **kwargs):
