@@ -22,7 +22,7 @@ import copy
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,36 @@ class SeedRun:
         return len(self.skills)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How routed learners find their skills, passed whole (see ``sb.Router``).
+
+    ``router`` None stands for the stream scenario's default until ``resolved``.
+    """
+
+    router: str | None = None
+    rerank: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, scenario: str) -> Routing:
+        from skillbank.routers import default_router
+
+        return replace(self, router=self.router or default_router(scenario))
+
+    def build(self, model: nn.Module, bank: sb.SkillBank, where: dict[str, str]) -> sb.Router:
+        return sb.Router(
+            model,
+            bank,
+            where=where,
+            router=self.router or "examples",
+            rerank=self.rerank,
+            router_options=self.options,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"router": self.router, "rerank": self.rerank, "router_options": dict(self.options)}
+
+
 def make_learner(spec: str | Learner, **kwargs: Any) -> Learner:
     """A learner from a name (registry or baseline) or an instance."""
     if isinstance(spec, Learner):
@@ -93,9 +123,7 @@ def run_seed(
     run_id: str,
     state: SeedRun | None = None,
     on_task=None,
-    router: str = "examples",
-    rerank: int = 0,
-    router_options: dict[str, Any] | None = None,
+    routing: Routing | None = None,
 ) -> SeedRun:
     """Train ``learner`` over ``stream`` from ``base`` (copied); resumes from ``state``.
 
@@ -105,91 +133,60 @@ def run_seed(
     """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _run_seed(
-            stream,
-            learner,
-            base,
-            bank,
-            seed,
-            device=device,
-            run_id=run_id,
-            state=state,
-            on_task=on_task,
-            router=router,
-            rerank=rerank,
-            router_options=router_options,
-        )
-
-
-def _run_seed(
-    stream: Stream,
-    learner: Learner,
-    base: nn.Module,
-    bank: sb.SkillBank,
-    seed: int,
-    *,
-    device: torch.device,
-    run_id: str,
-    state: SeedRun | None,
-    on_task,
-    router: str = "examples",
-    rerank: int = 0,
-    router_options: dict[str, Any] | None = None,
-) -> SeedRun:
-    state = state or SeedRun()
-    learner = learner.with_train(seed=seed, device=str(device))
-    model = copy.deepcopy(base).to(device).eval()
-    tags = {"run": run_id, "seed": str(seed), "stream": stream.name}
-    where = {"learner": learner.name, **tags}
-    router = sb.Router(
-        model, bank, where=where, router=router, rerank=rerank, router_options=router_options
-    )
-    skill_of_task: dict[int, str] = {}
-    for i, ref in enumerate(state.skills):  # resume: put the finished tasks back
-        if not ref:
-            continue
-        if ref not in skill_of_task.values():  # joint repeats one skill on every row
-            if state.adapters[i] in sb.adapter_names(model):
-                sb.remove_adapter(model, state.adapters[i])
-            sb.attach(
-                model, bank.get(ref), state.adapters[i], load_head=learner.inference == "direct"
-            )
-        skill_of_task[i] = ref
-    if not state.R:
-        _record(state, _row(model, learner, stream, router, {}), model, stream, learner)
-    schedule = _schedule(learner)
-    whole = union(list(stream)) if schedule == "joint" else None
-    for i in range(state.done, len(stream)):
-        task = whole or stream[i]
-        start = time.perf_counter()
-        if schedule == "none":
-            ref = ""
-        elif schedule == "joint" and i > 0:  # trained once; every row is that model
-            ref = state.skills[0]
-            state.params.append(state.params[0])
-            state.bytes.append(state.bytes[0])
-        else:
-            skill = learner.fit(model, task, bank)
-            ref = distributed.on_main(  # one writer; the other ranks wait for its ref
-                lambda task=task, skill=skill, i=i: _bank_skill(
-                    bank, stream, learner, task, skill, model, seed, tags, i
+        state = state or SeedRun()
+        learner = learner.with_train(seed=seed, device=str(device))
+        model = copy.deepcopy(base).to(device).eval()
+        tags = {"run": run_id, "seed": str(seed), "stream": stream.name}
+        where = {"learner": learner.name, **tags}
+        router = (routing or Routing("examples")).build(model, bank, where)
+        skill_of_task: dict[int, str] = {}
+        for i, ref in enumerate(state.skills):  # resume: put the finished tasks back
+            if not ref:
+                continue
+            if ref not in skill_of_task.values():  # joint repeats one skill on every row
+                if state.adapters[i] in sb.adapter_names(model):
+                    sb.remove_adapter(model, state.adapters[i])
+                sb.attach(
+                    model, bank.get(ref), state.adapters[i], load_head=learner.inference == "direct"
                 )
-            )
-            router.register(ref, learner.adapter_name(task), skill)
-            state.params.append(skill.num_params)
-            state.bytes.append(bank.record(ref).size)
-        state.seconds.append(time.perf_counter() - start)
-        if not ref:
-            state.params.append(0)
-            state.bytes.append(0)
-        state.skills.append(ref)
-        state.adapters.append(learner.adapter_name(task) if ref else "")
-        if ref:
             skill_of_task[i] = ref
-        _record(state, _row(model, learner, stream, router, skill_of_task), model, stream, learner)
-        if on_task is not None:
-            on_task(state)
-    return state
+        if not state.R:
+            _record(state, _row(model, learner, stream, router, {}), model, stream, learner)
+        schedule = _schedule(learner)
+        whole = union(list(stream)) if schedule == "joint" else None
+        for i in range(state.done, len(stream)):
+            task = whole or stream[i]
+            start = time.perf_counter()
+            if schedule == "none":
+                ref = ""
+            elif schedule == "joint" and i > 0:  # trained once; every row is that model
+                ref = state.skills[0]
+                state.params.append(state.params[0])
+                state.bytes.append(state.bytes[0])
+            else:
+                skill = learner.fit(model, task, bank)
+                ref = distributed.on_main(  # one writer; the other ranks wait for its ref
+                    lambda task=task, skill=skill, i=i: _bank_skill(
+                        bank, stream, learner, task, skill, model, seed, tags, i
+                    )
+                )
+                router.register(ref, learner.adapter_name(task), skill)
+                state.params.append(skill.num_params)
+                state.bytes.append(bank.record(ref).size)
+            state.seconds.append(time.perf_counter() - start)
+            if not ref:
+                state.params.append(0)
+                state.bytes.append(0)
+            state.skills.append(ref)
+            state.adapters.append(learner.adapter_name(task) if ref else "")
+            if ref:
+                skill_of_task[i] = ref
+            _record(
+                state, _row(model, learner, stream, router, skill_of_task), model, stream, learner
+            )
+            if on_task is not None:
+                on_task(state)
+        return state
 
 
 def _bank_skill(
@@ -354,16 +351,7 @@ def bench(
         run_id=ckpt.get("run_id"),  # a resumed run keeps its id
         progress=progress,
     ) as ctx:
-        return _bench(
-            ctx,
-            stream,
-            objs,
-            ckpt,
-            router=router,
-            rerank=rerank,
-            router_options=router_options,
-            log=log,
-        )
+        return _bench(ctx, stream, objs, ckpt, Routing(router, rerank, router_options or {}), log)
 
 
 def bench_protocol(
@@ -387,16 +375,8 @@ def bench_protocol(
     ckpt = _load_checkpoint(out, cfg.resume)
     bank = bank if isinstance(bank, sb.SkillBank) else (bank or cfg.bank)
     with open_run(cfg, bank, console, run_id=ckpt.get("run_id")) as ctx:
-        results = _bench(
-            ctx,
-            stream,
-            objs,
-            ckpt,
-            router=cfg.router,
-            rerank=cfg.rerank,
-            router_options=cfg.router_options,
-            log=cfg.log,
-        )
+        routing = Routing(cfg.router, cfg.rerank, cfg.router_options)
+        results = _bench(ctx, stream, objs, ckpt, routing, cfg.log)
         if distributed.is_main():
             print_table(results)
             ctx.console.print(
@@ -422,17 +402,14 @@ def _bench(
     stream: Stream,
     learners: list[Learner],
     ckpt: dict,
-    *,
-    router: str | None = None,
-    rerank: int = 0,
-    router_options: dict[str, Any] | None = None,
+    routing: Routing,
     log: Sequence[str] = logs.DEFAULT_LOGS,
 ) -> dict[str, RunResult]:
-    """The continual protocol in an open run: every learner, every seed; rank 0 writes.
-    ``router`` None is the scenario's default (``skillbank.routers.default_router``)."""
-    from skillbank.routers import default_router
+    """The continual protocol in an open run: every learner, every seed; rank 0 writes."""
+    from eval.plots import plot_all
+    from eval.report import results_doc
 
-    router = router or default_router(stream.scenario)
+    routing = routing.resolved(stream.scenario)
     setup = logs.LogSetup(
         ctx.out,
         ctx.run_id,
@@ -441,7 +418,72 @@ def _bench(
         config=ctx.cfg.to_dict() if ctx.cfg is not None else _config(ctx, stream, learners),
     )
     with logs.open_loggers(log, setup) as sinks:  # before pretraining: a missing sink fails first
-        return _bench_logged(ctx, stream, learners, ckpt, sinks, router, rerank, router_options)
+        base = ctx.pretrained(stream.source, stream.n_classes)
+        results: dict[str, RunResult] = {}
+        for learner in learners:
+            runs = _seed_runs(ctx, stream, learner, base, ckpt, sinks, routing)
+            results[learner.name] = RunResult(
+                learner.name,
+                stream.name,
+                stream.scenario,
+                list(ctx.seeds),
+                runs,
+                str(ctx.device),
+                routing.router,
+            )
+            for i in range(len(stream)):
+                ctx.log(task_line(results[learner.name], stream, i))
+        ctx.write_results(
+            results_doc(
+                results,
+                extra={
+                    "run_id": ctx.run_id,
+                    "backbone": str(ctx.backbone),
+                    **routing.to_dict(),
+                },
+            ),
+            plots=lambda out: plot_all(results, out),
+        )
+        return results
+
+
+def _seed_runs(
+    ctx: Context,
+    stream: Stream,
+    learner: Learner,
+    base: nn.Module,
+    ckpt: dict,
+    sinks: logs.Loggers,
+    routing: Routing,
+) -> list[SeedRun]:
+    """Every seed of one learner, continuing checkpointed ones where they stopped."""
+    runs = []
+    for seed in ctx.each_seed():
+        key = f"{learner.name}/{seed}"
+        state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
+        if state is not None and state.done < len(stream) and not learner.resumable:
+            ctx.log(f"{learner.name} seed {seed}: cannot resume mid-stream, starting over")
+            state = None
+        if state is None or state.done < len(stream):
+
+            def save(st, key=key, seed=seed):
+                _save_checkpoint(ctx, key, st, ckpt)
+                sinks.log(logs.task_record(ctx.run_id, learner.name, seed, stream, st))
+
+            state = run_seed(
+                stream,
+                learner,
+                base,
+                ctx.bank,
+                seed,
+                device=ctx.device,
+                run_id=ctx.run_id,
+                state=state,
+                on_task=save,
+                routing=routing,
+            )
+        runs.append(state)
+    return runs
 
 
 def _config(ctx: Context, stream: Stream, learners: list[Learner]) -> dict[str, Any]:
@@ -452,77 +494,6 @@ def _config(ctx: Context, stream: Stream, learners: list[Learner]) -> dict[str, 
         "seeds": list(ctx.seeds),
         "backbone": str(ctx.backbone) if isinstance(ctx.backbone, str) else "module",
     }
-
-
-def _bench_logged(
-    ctx: Context,
-    stream: Stream,
-    learners: list[Learner],
-    ckpt: dict,
-    sinks: logs.Loggers,
-    router: str,
-    rerank: int,
-    router_options: dict[str, Any] | None,
-) -> dict[str, RunResult]:
-    from eval.plots import plot_all
-    from eval.report import results_doc
-
-    base = ctx.pretrained(stream.source, stream.n_classes)
-    results: dict[str, RunResult] = {}
-    for learner in learners:
-        runs = []
-        for seed in ctx.each_seed():
-            key = f"{learner.name}/{seed}"
-            state = SeedRun(**ckpt["runs"][key]) if key in ckpt.get("runs", {}) else None
-            if state is not None and state.done < len(stream) and not learner.resumable:
-                ctx.log(f"{learner.name} seed {seed}: cannot resume mid-stream, starting over")
-                state = None
-            if state is None or state.done < len(stream):
-
-                def save(st, key=key, name=learner.name, seed=seed):
-                    _save_checkpoint(ctx, key, st, ckpt)
-                    sinks.log(logs.task_record(ctx.run_id, name, seed, stream, st))
-
-                state = run_seed(
-                    stream,
-                    learner,
-                    base,
-                    ctx.bank,
-                    seed,
-                    device=ctx.device,
-                    run_id=ctx.run_id,
-                    state=state,
-                    on_task=save,
-                    router=router,
-                    rerank=rerank,
-                    router_options=router_options,
-                )
-            runs.append(state)
-        results[learner.name] = RunResult(
-            learner.name,
-            stream.name,
-            stream.scenario,
-            list(ctx.seeds),
-            runs,
-            str(ctx.device),
-            router,
-        )
-        for i in range(len(stream)):
-            ctx.log(task_line(results[learner.name], stream, i))
-    ctx.write_results(
-        results_doc(
-            results,
-            extra={
-                "run_id": ctx.run_id,
-                "backbone": str(ctx.backbone),
-                "router": router,
-                "rerank": rerank,
-                "router_options": dict(router_options or {}),
-            },
-        ),
-        plots=lambda out: plot_all(results, out),
-    )
-    return results
 
 
 def _load_checkpoint(out: Path | None, resume: bool) -> dict:
