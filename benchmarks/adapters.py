@@ -85,9 +85,8 @@ def main() -> None:
     for m in (ours, peft):
         for p in m.parameters():
             if p.requires_grad:
-                torch.nn.init.normal_(
-                    p, std=0.02
-                )  # trained-looking B, so nothing is skipped as zero
+                # trained-looking B, so nothing is skipped as zero
+                torch.nn.init.normal_(p, std=0.02)
 
     opts = {
         k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)

@@ -35,9 +35,8 @@ class BenchConfig:
     pretrain_epochs: int | None = None
     learners: list[str] | None = None  # default: the protocol's
     rank: int = 8
-    learner_options: dict[str, dict[str, Any]] = field(
-        default_factory=dict
-    )  # e.g. {"rank_selective": {"max_kappa": 0.1}}
+    # e.g. {"rank_selective": {"max_kappa": 0.1}}
+    learner_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     epochs: int = 10
     lr: float = 3e-3
     batch_size: int = 64
@@ -227,9 +226,8 @@ def execute(cfg: BenchConfig, console=None, bank: sb.SkillBank | str | None = No
 
     from learners import distributed
 
-    created = (
-        distributed.init_from_env()
-    )  # under torchrun: join its process group (gloo on CPU, NCCL on CUDA)
+    # under torchrun: join its process group (gloo on CPU, NCCL on CUDA)
+    created = distributed.init_from_env()
     try:
         if cfg.nproc > 1 and not distributed.is_distributed():
             raise sb.ConfigError(

@@ -14,14 +14,14 @@ from eval.streams import Stream
 DATASETS = {"mnist": "MNIST-5k", "digits": "8x8 digits"}
 DIGIT_DATASETS = ("mnist", "digits")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-KINDS = {"split": "split", "rotated": "rotated", "permuted": "permuted", "corrupted": "corrupted"}
+KINDS = ("split", "rotated", "permuted", "corrupted")
 
 
 def stream_title(stream: Stream) -> str:
     """``split-mnist`` -> ``split MNIST-5k``; unknown names are kept as they are."""
     kind, _, dataset = stream.name.partition("-")
     if kind in KINDS and dataset:
-        return f"{KINDS[kind]} {DATASETS.get(dataset, dataset)}"
+        return f"{kind} {DATASETS.get(dataset, dataset)}"
     return stream.name
 
 

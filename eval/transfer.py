@@ -194,9 +194,8 @@ def run_method(
             **options,
         )
         skill = learner.fit(model, task, bank)
-        comp = restore(
-            model, skill, bank
-        )  # scored as reloaded: the compositor travels with the skill
+        # scored as reloaded: the compositor travels with the skill
+        comp = restore(model, skill, bank)
         info = {
             "alpha": skill.metadata["psec"]["mean_alpha"],
             "skills": skill.metadata["psec"]["skills"],

@@ -62,12 +62,10 @@ class TTARun:
 
     errors: list[float] = field(default_factory=list)  # per domain, in stream order
     seconds: list[float] = field(default_factory=list)  # adaptation time per domain
-    skills: list[str] = field(
-        default_factory=list
-    )  # bank refs of the domain skills ("" when not banked)
-    retrieved: list[str] = field(
-        default_factory=list
-    )  # the skill each domain started from ("" if none)
+    # bank refs of the domain skills ("" when not banked)
+    skills: list[str] = field(default_factory=list)
+    # the skill each domain started from ("" if none)
+    retrieved: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -137,9 +135,8 @@ def run_stream(
             )
         preds = online(method, task.x_test, batch_size)
         run.seconds.append(time.perf_counter() - start)
-        run.errors.append(
-            float((preds != task.y_test).float().mean())
-        )  # scoring only, after the fact
+        # scoring only, after the fact
+        run.errors.append(float((preds != task.y_test).float().mean()))
         run.retrieved.append(f"{hit.name}@{hit.version}" if hit else "")
         ref = ""
         if banks:

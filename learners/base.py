@@ -166,9 +166,8 @@ def _train(
         raise TrainingError("nothing to train: no parameter of the model requires grad")
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     params = [p for g in groups for p in g["params"]]
-    distributed.broadcast_tensors(
-        params
-    )  # every rank starts from rank 0's trainable weights, as DDP does
+    # every rank starts from rank 0's trainable weights, as DDP does
+    distributed.broadcast_tensors(params)
     total = cfg.steps or cfg.epochs * math.ceil(len(x) / cfg.batch_size)
 
     def lr_factor(step: int) -> float:
@@ -241,9 +240,8 @@ def _train(
             opt.zero_grad(set_to_none=True)
             if len(yb) or loss.requires_grad:  # an empty shard without a penalty has nothing to add
                 loss.backward()
-            value = distributed.sync_gradients(
-                params, loss
-            )  # the global loss; grads summed over ranks
+            # the global loss; grads summed over ranks
+            value = distributed.sync_gradients(params, loss)
             if not torch.isfinite(value):  # the same verdict on every rank
                 raise TrainingError(
                     f"{desc}: loss became {value.item()} at step {step}; no skill was written"

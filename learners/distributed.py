@@ -123,9 +123,8 @@ def sync_gradients(params: Sequence[torch.nn.Parameter], loss: torch.Tensor) -> 
     if not is_distributed():
         return loss.detach()
     dev = loss.device
-    dtype = functools.reduce(
-        torch.promote_types, [p.dtype for p in params], torch.float32
-    )  # float64 stays
+    # float64 stays
+    dtype = functools.reduce(torch.promote_types, [p.dtype for p in params], torch.float32)
     flags = torch.tensor([p.grad is not None for p in params], dtype=dtype, device=dev)
     parts = [loss.detach().to(dtype).reshape(1), flags]
     parts += [

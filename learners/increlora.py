@@ -143,9 +143,8 @@ class IncreLoRA(Learner):
                 : min(self.top_h, self.total_budget - spent)
             ]:
                 g, n = self._gates[path], self._n[path]
-                g.gate[n] = (
-                    self.reserve
-                )  # the reserve becomes an active rank; the next one is reserved
+                # the reserve becomes an active rank; the next one is reserved
+                g.gate[n] = self.reserve
                 self._n[path] = n + 1
                 self._refresh(path)
         self.history.append(sum(self._n.values()))

@@ -67,9 +67,8 @@ class Orthogonal(Learner):
     _old_delta: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _cov: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _adapter: str = field(default="", init=False, repr=False, compare=False)
-    memory: dict = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )  # InfLoRA's M per module
+    # InfLoRA's M per module
+    memory: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:

@@ -220,28 +220,24 @@ class PSEC(Learner):
             comp = self.build(model, task, bank, refs, name)
             desc = f"psec-{self.mode}:{task.name}"
             groups = [{"params": list(comp.compositor.parameters()), "lr": self.compositor_lr}]
-            train(
-                comp,
-                task.x_train,
-                task.y_train,
-                self.train,
-                desc=desc,
-                groups=lambda m, cfg: groups,
-            )
-            if (
-                self.mode == "expand"
-            ):  # then the new LoRA joins, from a compositor that already works
-                self.expand(model, comp, name)
-                groups += sb.param_groups(model, self.expand_lr, b_ratio=1.0)
-                groups.append({"params": list(comp.residual.parameters()), "lr": self.expand_lr})
+
+            def fit() -> None:
                 train(
                     comp,
                     task.x_train,
                     task.y_train,
                     self.train,
                     desc=desc,
-                    groups=lambda m, cfg: groups,
+                    groups=lambda m, c: groups,
                 )
+
+            fit()
+            # then the new LoRA joins, from a compositor that already works
+            if self.mode == "expand":
+                self.expand(model, comp, name)
+                groups += sb.param_groups(model, self.expand_lr, b_ratio=1.0)
+                groups.append({"params": list(comp.residual.parameters()), "lr": self.expand_lr})
+                fit()
             return self._skill(model, task, comp, refs, name)
         finally:
             for added in set(sb.adapter_names(model)) - before:

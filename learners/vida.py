@@ -224,9 +224,8 @@ class ViDA(GradientMethod):
             raise sb.ConfigError(
                 f"vida: the model already has adapters {sorted(taken)}; give it a fresh source model"
             )
-        with torch.random.fork_rng(
-            devices=[]
-        ):  # A's draw follows ``seed``; the caller's RNG is left alone
+        # A's draw follows ``seed``; the caller's RNG is left alone
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             for name, r in ((LOW, self.low_rank), (HIGH, self.high_rank)):
                 sb.add_adapter(
@@ -344,9 +343,8 @@ class ViDA(GradientMethod):
         if self.teacher is None:
             raise sb.ConfigError("vida: nothing adapted yet; call setup(model) first")
         branches = [sb.Skill.from_model(self.teacher, n) for n in (LOW, HIGH)]
-        skill = sb.compose(
-            branches, [1.0, 1.0], method="cat", name=name
-        )  # exact: factors side by side
+        # exact: factors side by side
+        skill = sb.compose(branches, [1.0, 1.0], method="cat", name=name)
         r = self.low_rank + self.high_rank
         skill.config = sb.LoRAConfig(
             rank=r, alpha=float(r), targets=self.targets, init="gaussian"

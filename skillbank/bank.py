@@ -27,14 +27,6 @@ from .route_stats import MissingStats, RouteStats, stats_vectors
 from .skill import Skill
 
 
-def _base(skill: Skill) -> dict:
-    # The catalog compares bases by structure; a weight hash stays in the blob.
-    return {
-        p: {k: v for k, v in sig.items() if k != "sha256"}
-        for p, sig in skill.fingerprint.to_dict().items()
-    }
-
-
 class SkillBank:
     """Add, find, version and compose skills. Open one with ``SkillBank.open``."""
 
@@ -154,15 +146,14 @@ class SkillBank:
             if isinstance(parent, str)
             else list(parent or skill.metadata.get("parents", []))
         )
-        parents = list(
-            dict.fromkeys(str(self.library.get(p).ref) for p in parents)
-        )  # resolve aliases once
+        # resolve aliases once
+        parents = list(dict.fromkeys(str(self.library.get(p).ref) for p in parents))
         return self.library.add_version(
             name,
             skill.to_bytes(),
             ranks=skill.ranks,
             targets=skill.targets,
-            base=_base(skill),
+            base=skill.fingerprint.structure(),  # a weight hash stays in the blob
             learner=learner or skill.metadata.get("learner", ""),
             config=skill.config,
             metrics=dict(metrics or {}),
@@ -338,6 +329,11 @@ class SkillBank:
     def verify(self) -> VerifyReport:
         """Re-hash every referenced blob and compare each index with the catalog."""
         return self.library.verify()
+
+    def generation(self) -> int:
+        """A counter that moves whenever versions or their embeddings and statistics are
+        added or removed: a cache of what the routers read stays fresh while it holds."""
+        return self.library.generation()
 
     def spaces(self) -> dict[str, int]:
         """Embedding space -> dimension, for every space that ever held a vector."""

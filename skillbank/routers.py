@@ -81,7 +81,7 @@ class BaseRouter:
         try:
             hits = self.bank.retrieve(q, k=k, space=self.space, where=self.where)
         except InvalidEmbedding as err:
-            if "no embeddings in space" in str(err) and self.space != EXAMPLES:
+            if self.space != EXAMPLES and self.space not in self.bank.spaces():
                 raise MissingStats(
                     f"the {self.name!r} router needs routing statistics and no skill in this "
                     f"bank has any ({err}); add skills with stats=sb.compute_stats(...) or "
@@ -93,7 +93,7 @@ class BaseRouter:
     def _fresh_stats(self) -> None:
         """Statistics of every routable skill, reloaded when the catalog changed;
         raises ``MissingStats`` naming the skills that have none."""
-        gen = self.bank.library.catalog.state()[1]
+        gen = self.bank.generation()
         if gen != self._generation:
             self._stats = self.bank.route_stats(where=self.where)
             self._generation = gen

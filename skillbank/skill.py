@@ -387,9 +387,8 @@ def attach(
                 if isinstance(layer, MultiheadAttentionAdapter)
                 else ("",)
             )
-            if (
-                layer.path + sites[0] not in skill.factors
-            ):  # an out_proj that came with its attention module
+            # an out_proj that came with its attention module
+            if layer.path + sites[0] not in skill.factors:
                 raise BaseMismatch(
                     f"the model adapts '{layer.path}' alongside the skill's modules but the skill has no weights for it"
                 )

@@ -153,6 +153,10 @@ class Library:
             wait(pending)  # never leave a write running behind an error
         return ref
 
+    def generation(self) -> int:
+        """The catalog's embedding-change counter (bumped by every add, remove and stats write)."""
+        return self.catalog.state()[1]
+
     def space_dims(self) -> dict[str, int]:
         """Embedding space -> dimension, for every space that ever held a vector."""
         return self.catalog.space_dims()

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import PostgresServer  # noqa: E402
+from helpers import PostgresServer, tiny_vit  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -14,20 +14,7 @@ torch.set_num_threads(2)
 @pytest.fixture
 def vit():
     """A tiny timm ViT on 1x28x28 (patch 4): the library's reference backbone."""
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-    ).eval()
+    return tiny_vit()
 
 
 @pytest.fixture

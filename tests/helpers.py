@@ -43,6 +43,18 @@ def randomise(model: nn.Module, name: str, std: float = 0.2) -> None:
 VIT_TARGETS = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
+def tiny_vit(**kw) -> nn.Module:
+    """The tests' reference backbone: a tiny timm ViT on 1x28x28 (patch 4), random weights;
+    ``kw`` overrides the build (e.g. ``mlp_ratio=2.0`` for a different base)."""
+    import timm
+
+    torch.manual_seed(0)
+    build = dict(
+        img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=48, depth=2, num_heads=3
+    )
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **{**build, **kw}).eval()
+
+
 def make_skill(vit: nn.Module, name: str, seed: int, rank: int = 4) -> tuple[nn.Module, sb.Skill]:
     """A copy of ``vit`` with a randomised adapter ``name`` on every block site, and its skill."""
     model = copy.deepcopy(vit)

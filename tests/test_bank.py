@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from helpers import make_skill
+from helpers import make_skill, tiny_vit
 
 import skillbank as sb
 
@@ -58,21 +58,9 @@ def test_versions_aliases_and_lineage(vit, bank):
 
 
 def test_add_refuses_other_base_unless_told(vit, bank):
-    import timm
 
     _, s1 = make_skill(vit, "x", 1)
-    other = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-        mlp_ratio=2.0,
-    )
+    other = tiny_vit(mlp_ratio=2.0)
     _, s2 = make_skill(other, "x", 2)
     bank.add("x", s1)
     with pytest.raises(sb.BaseMismatch):

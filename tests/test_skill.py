@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from helpers import randomise
+from helpers import randomise, tiny_vit
 from safetensors.torch import save_file
 
 import skillbank as sb
@@ -73,22 +73,10 @@ def test_attach_conv_and_attention_skills(resnet, clip_vit, x28, x_rgb):
 
 
 def test_attach_refuses_another_base_naming_the_module(trained, tmp_path):
-    import timm
 
     _, model = trained
     skill = sb.Skill.from_model(model, "task")
-    other = timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        img_size=28,
-        patch_size=4,
-        in_chans=1,
-        num_classes=10,
-        embed_dim=48,
-        depth=2,
-        num_heads=3,
-        mlp_ratio=2.0,
-    )
+    other = tiny_vit(mlp_ratio=2.0)
     before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(sb.BaseMismatch, match=r"blocks\.0\.mlp\.fc1"):
         sb.attach(other, skill)
