@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 import skillbank as sb
-from eval.metrics import forgetting
+from eval import metrics
 from learners import distributed
 
 if TYPE_CHECKING:
@@ -77,14 +77,14 @@ def task_record(run_id: str, learner: str, seed: int, stream: Stream, state: See
     if i < 1 or len(state.R) <= i:
         raise sb.ConfigError(f"no finished task to log ({state.done} done)")
     R = np.asarray(state.R[: i + 1], dtype=np.float64)[:, :i]
-    forgot = forgetting(R)  # NaN with one task seen
+    forgot = metrics.forgetting(R)  # NaN with one task seen
     return TaskRecord(
         run_id=run_id,
         learner=learner,
         seed=seed,
         task=i,
         task_name=stream[i - 1].name,
-        acc=float(R[i].mean()),
+        acc=metrics.acc(R),
         class_il=[float(a) for a in state.R[i]],
         task_il=float(np.mean(state.R_task[i][:i])),
         forgetting=None if math.isnan(forgot) else forgot,

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 import skillbank as sb
-from eval import backbones, logs
+from eval import backbones, logs, metrics
 from eval.baselines import BASELINES, union
 from eval.describe import describe, describe_all
 from eval.driver import RESULTS, Context, Protocol, open_context, open_run
@@ -271,7 +271,8 @@ class RunResult:
 def task_line(result: RunResult, stream: Stream, i: int) -> str:
     """One log line for task ``i`` of a learner, over its seeds: mean accuracy on the tasks
     seen so far after training it, and the training time."""
-    acc = [float(np.mean(r.R[i + 1][: i + 1])) * 100 for r in result.runs]
+    # ACC of the matrix as it stood after task i: its tasks 0..i
+    acc = [metrics.acc(np.asarray(r.R)[: i + 2, : i + 1]) * 100 for r in result.runs]
     line = f"{result.learner:<14} task {i + 1}/{len(stream)} {stream[i].name:<16} acc {np.mean(acc):5.1f}"
     if len(acc) > 1:
         line += f" ± {np.std(acc):.1f}"
