@@ -136,7 +136,9 @@ def ours_run(method: str, stream, base, cfg: TrainConfig) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--stream", default="split-mnist", help="split-mnist | permuted-mnist | ...")
+    ap.add_argument(
+        "--stream", default="domains-mnist", help="domains-mnist (the main job) | split-mnist | ..."
+    )
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=1)

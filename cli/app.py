@@ -39,9 +39,10 @@ def bench(
         help="continual (default) | tta (test-time adaptation) | transfer (few-shot composition).",
     ),
     stream: str = typer.Option(
-        None, help="split-mnist | rotated-mnist | permuted-mnist | corrupted-mnist | split-digits"
+        None,
+        help="domains-mnist (the main job) | split-mnist | rotated-mnist | permuted-mnist | permuted-mnist-disjoint | corrupted-mnist | split-digits",
     ),
-    tasks: int = typer.Option(None, help="Number of tasks (split, rotated, permuted)."),
+    tasks: int = typer.Option(None, help="Number of tasks (domains: the first N of 5)."),
     scenario: str = typer.Option(None, help="class | task (split streams)."),
     backbone: str = typer.Option(None, help="Preset, timm model name or open_clip:<name>."),
     learners: str = typer.Option(None, help="Comma-separated, e.g. lora,finetune,joint."),
@@ -55,7 +56,7 @@ def bench(
     ),
     router: str = typer.Option(
         None,
-        help="How routed learners find skills: examples | prototype | mahalanobis | stats "
+        help="How routed learners find skills: examples | prototype | mahalanobis | stats | fused "
         "(default: the scenario's).",
     ),
     rerank: int = typer.Option(
@@ -74,7 +75,7 @@ def bench(
         "gloo on CPU, one GPU each with NCCL).",
     ),
 ) -> None:
-    """Run the continual-learning benchmark (default: the main job, split MNIST-5k, 3 seeds).
+    """Run the continual-learning benchmark (default: the main job, digit domains of MNIST-5k, 3 seeds).
 
     Skills go into the bank given by the global --bank (default ./skills). With
     --nproc N the command re-launches itself N times through torch.distributed.run.

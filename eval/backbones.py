@@ -334,17 +334,25 @@ def pretrain(
     The weights are saved as safetensors under a key hashing everything that
     determines them (name, constructor kwargs, the data's fingerprint, epochs,
     seed, optimiser settings), so a second call with the same inputs loads the
-    file instead of training. ``in_chans``, ``img_size`` and ``num_classes``
-    default to the task's. Returns the model in eval mode, on ``device``, with
+    file instead of training. ``in_chans`` and ``img_size`` default to the
+    task's. The backbone always trains with the source's own classes, so one
+    cached file serves every stream over that source; a wider ``num_classes``
+    (a stream with classes the source lacks) then gets zero rows appended to the
+    head: those classes start at logit 0 until a learner trains them. Returns the model in eval mode, on ``device``, with
     ``model.pretrain_info`` = {"cached", "path", "key", "test_acc", "train_seconds"}.
     """
     c, h, w = source_task.image_shape
+    width = kw.pop("num_classes", None)
     build = {
         "in_chans": c,
         "img_size": h if h == w else (h, w),
         "num_classes": 1 + max(source_task.classes),
         **kw,
     }
+    if width is not None and width < build["num_classes"]:
+        raise ConfigError(
+            f"num_classes={width} is fewer than the source's {build['num_classes']} classes"
+        )
     recipe = {
         "epochs": epochs,
         "seed": seed,
@@ -422,9 +430,30 @@ def pretrain(
             "test_acc": test_acc,
             "train_seconds": seconds,
         }
+    if width is not None and width > build["num_classes"]:
+        _widen_head(model, width)
     model.to(dev).eval()
     model.pretrain_info = info
     return model
+
+
+def _widen_head(model: nn.Module, width: int) -> None:
+    """Append zero rows to the linear classifier so it has ``width`` outputs."""
+    name = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "head")
+    old = model.get_submodule(name)
+    if not isinstance(old, nn.Linear):
+        raise ConfigError(f"cannot widen the {type(old).__name__} head {name!r} of the backbone")
+    new = nn.Linear(old.in_features, width, bias=old.bias is not None).to(old.weight)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[: old.out_features] = old.weight
+        if old.bias is not None:
+            new.bias.zero_()
+            new.bias[: old.out_features] = old.bias
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+    if hasattr(model, "num_classes"):
+        model.num_classes = width
 
 
 def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:

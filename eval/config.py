@@ -16,11 +16,24 @@ from eval.logs import check_names as check_log_names
 
 STREAMS = {
     "split-mnist": lambda d, c: streams.split(d, c.tasks, scenario=c.scenario, seed=c.data_seed),
+    "permuted-mnist-disjoint": lambda d, c: streams.permuted(
+        d, c.tasks, seed=c.data_seed, keep_first=False, disjoint=True
+    ),
+    "domains-mnist": lambda d, c: streams.digit_domains(d, _first_domains(c.tasks), c.data_seed),
     "rotated-mnist": lambda d, c: streams.rotated(d, c.tasks, seed=c.data_seed),
     "permuted-mnist": lambda d, c: streams.permuted(d, c.tasks, seed=c.data_seed),
     "corrupted-mnist": lambda d, c: streams.corrupted(d, severity=5, seed=c.data_seed),
     "split-digits": lambda d, c: streams.split(d, c.tasks, scenario=c.scenario, seed=c.data_seed),
 }
+
+
+def _first_domains(n: int) -> tuple[str, ...]:
+    if n > len(streams.DIGIT_DOMAINS):
+        raise sb.ConfigError(
+            f"domains-mnist has {len(streams.DIGIT_DOMAINS)} domains "
+            f"({', '.join(streams.DIGIT_DOMAINS)}), tasks={n} asks for more"
+        )
+    return streams.DIGIT_DOMAINS[:n]
 
 
 @dataclass

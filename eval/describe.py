@@ -14,12 +14,22 @@ from eval.streams import Stream
 DATASETS = {"mnist": "MNIST-5k", "digits": "8x8 digits"}
 DIGIT_DATASETS = ("mnist", "digits")
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-KINDS = ("split", "rotated", "permuted", "corrupted")
+KINDS = ("split", "rotated", "permuted", "corrupted", "domains")
+# How each domain of ``streams.digit_domains`` shows its digits.
+DOMAIN_WORDS = {
+    "mnist": "handwritten digits as they are",
+    "inverted": "inverted digits (white background, black ink)",
+    "digits": "8x8 scanned digits (scikit-learn), upscaled and blurry",
+    "noise": "digits under heavy Gaussian noise",
+    "rot90": "digits turned a quarter turn",
+}
 
 
 def stream_title(stream: Stream) -> str:
     """``split-mnist`` -> ``split MNIST-5k``; unknown names are kept as they are."""
     kind, _, dataset = stream.name.partition("-")
+    if kind == "domains" and dataset:
+        return f"digit domains of {DATASETS.get(dataset, dataset)}"
     if kind in KINDS and dataset:
         return f"{kind} {DATASETS.get(dataset, dataset)}"
     return stream.name
@@ -48,6 +58,10 @@ def task_content(stream: Stream, i: int) -> str:
         return f"images rotated by {meta['angle']:g} degrees"
     if transform == "permutation":
         return "pixels in their usual order" if meta.get("identity") else "pixels permuted"
+    if "domain" in meta:
+        first, last = task.classes[0], task.classes[-1]
+        span = f"{first - meta['digit_base']} to {last - meta['digit_base']}"
+        return f"{DOMAIN_WORDS[meta['domain']]}, digits {span} as classes {first} to {last}"
     if "corruption" in meta:
         return f"{meta['corruption'].replace('_', ' ')} corruption, severity {meta['severity']}"
     return _classes(stream, list(task.classes), meta.get("class_names"))

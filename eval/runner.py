@@ -512,8 +512,9 @@ def _save_checkpoint(ctx: Context, key: str, state: SeedRun, ckpt: dict) -> None
 
 PROTOCOL = Protocol(
     "continual",
-    stream="split-mnist",
-    learners=("lora", "finetune", "joint", "frozen"),
+    stream="domains-mnist",
+    # ours, the bounds (joint; frozen: the source model left alone), and the field's references
+    learners=("lora", "finetune", "joint", "frozen", "simplecil", "replay", "ewc", "lwf"),
     run=bench_protocol,
     multi_process=True,
 )

@@ -220,18 +220,32 @@ def legacy_order(classes: Sequence[int], seed: int) -> list[int]:
     return [ordered[i] for i in np.random.RandomState(seed).permutation(len(ordered))]
 
 
-def permuted(data: ImageData, n_tasks: int = 5, seed: int = 0, keep_first: bool = True) -> Stream:
+def permuted(
+    data: ImageData,
+    n_tasks: int = 5,
+    seed: int = 0,
+    keep_first: bool = True,
+    disjoint: bool = False,
+) -> Stream:
     """Domain-IL: each task applies one fixed random pixel permutation (all channels alike).
 
     With ``keep_first`` task 0 is the unpermuted data, matching a backbone
-    pretrained on the (unpermuted) source split.
+    pretrained on the (unpermuted) source split. With ``disjoint`` every task
+    gets its own class-balanced ``1/n_tasks`` of the train and test images
+    instead of all of them: new images in every task, at ``1/n_tasks`` of the
+    compute (the main job's stream).
     """
     _check_n_tasks(n_tasks)
     c, h, w = data.image_shape
     rng = np.random.default_rng(seed)
+    perms = [
+        np.arange(h * w) if (i == 0 and keep_first) else rng.permutation(h * w)
+        for i in range(n_tasks)
+    ]
+    train = _shares(data.y_train, n_tasks, seed) if disjoint else [slice(None)] * n_tasks
+    test = _shares(data.y_test, n_tasks, seed + 1) if disjoint else [slice(None)] * n_tasks
     tasks = []
-    for i in range(n_tasks):
-        perm = np.arange(h * w) if (i == 0 and keep_first) else rng.permutation(h * w)
+    for i, perm in enumerate(perms):
         p = torch.from_numpy(perm)
 
         def apply(x: torch.Tensor, p: torch.Tensor = p) -> torch.Tensor:
@@ -240,10 +254,10 @@ def permuted(data: ImageData, n_tasks: int = 5, seed: int = 0, keep_first: bool 
         tasks.append(
             Task(
                 f"{data.name}-perm{i}",
-                apply(data.x_train),
-                data.y_train,
-                apply(data.x_test),
-                data.y_test,
+                apply(data.x_train[train[i]]),
+                data.y_train[train[i]],
+                apply(data.x_test[test[i]]),
+                data.y_test[test[i]],
                 data.classes,
                 i,
                 {
@@ -251,10 +265,111 @@ def permuted(data: ImageData, n_tasks: int = 5, seed: int = 0, keep_first: bool 
                     "transform": "permutation",
                     "seed": seed,
                     "identity": i == 0 and keep_first,
+                    "disjoint": disjoint,
                 },
             )
         )
-    return Stream(tuple(tasks), "domain", _n_classes(data), data.source, f"permuted-{data.name}")
+    name = f"permuted-{data.name}" + ("-disjoint" if disjoint else "")
+    return Stream(tuple(tasks), "domain", _n_classes(data), data.source, name)
+
+
+def _ranked(y: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of ``y`` shuffled by ``seed``, and each one's rank within its class."""
+    order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
+    rank = torch.empty(len(y), dtype=torch.long)
+    for cls in y.unique():
+        where = (y[order] == cls).nonzero().squeeze(1)
+        rank[where] = torch.arange(len(where))
+    return order, rank
+
+
+def _round_robin(y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices dealt class by class (every class's first image, then every
+    class's second, ...): any prefix is class-balanced."""
+    order, rank = _ranked(y, seed)
+    return order[torch.argsort(rank, stable=True)]
+
+
+def _shares(y: torch.Tensor, n: int, seed: int) -> list[torch.Tensor]:
+    """``n`` disjoint index sets over ``y``, each holding about ``1/n`` of every class."""
+    order, rank = _ranked(y, seed)
+    return [order[rank % n == i].sort().values for i in range(n)]
+
+
+DIGIT_DOMAINS = ("mnist", "inverted", "digits", "noise", "rot90")
+
+
+def digit_domains(data: ImageData, domains: Sequence[str] = DIGIT_DOMAINS, seed: int = 0) -> Stream:
+    """Class-IL over ways of seeing digits: one task per domain, ten new classes each.
+
+    Like 5-datasets (where an MNIST 3 and an SVHN 3 are different classes), a
+    digit in domain ``t`` has label ``10 * t + digit``. The domains: ``mnist``
+    (as is), ``inverted`` (1 - x), ``digits`` (scikit-learn's 8 x 8 digits,
+    another dataset, resized to ``data``'s size), ``noise`` (Gaussian noise,
+    severity 5) and ``rot90`` (a quarter turn). The MNIST-based domains share
+    ``data``'s train and test images out, class-balanced and disjoint, so every
+    task brings new images; a backbone pretrained on ``data.source`` has seen
+    only the first domain.
+    """
+    from torch.nn.functional import interpolate
+
+    unknown = sorted(set(domains) - set(DIGIT_DOMAINS))
+    if unknown or not domains or len(set(domains)) != len(domains):
+        raise InvalidStream(
+            f"domains must be distinct names from {DIGIT_DOMAINS}, got {list(domains)}"
+        )
+    c, h, w = data.image_shape
+    mnist_like = [d for d in domains if d != "digits"]
+    train = _shares(data.y_train, max(1, len(mnist_like)), seed)
+    test = _shares(data.y_test, max(1, len(mnist_like)), seed + 1)
+    per_train, per_test = len(train[0]), len(test[0])
+    width = _n_classes(data)
+    tasks = []
+    for t, domain in enumerate(domains):
+        if domain == "digits":
+            small = digits(seed=seed)
+            pick_tr = _round_robin(small.y_train, seed)[:per_train]
+            pick_te = _round_robin(small.y_test, seed + 1)[:per_test]
+
+            def look(x: torch.Tensor) -> torch.Tensor:
+                x = interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+                return x.expand(-1, c, -1, -1).contiguous()
+
+            parts = (look(small.x_train[pick_tr]), small.y_train[pick_tr])
+            parts += (look(small.x_test[pick_te]), small.y_test[pick_te])
+        else:
+            k = mnist_like.index(domain)
+            see = _DOMAIN_VIEWS[domain]
+            parts = (see(data.x_train[train[k]], seed), data.y_train[train[k]])
+            parts += (see(data.x_test[test[k]], seed + 1), data.y_test[test[k]])
+        x_tr, y_tr, x_te, y_te = parts
+        classes = tuple(width * t + int(k) for k in data.classes)
+        tasks.append(
+            Task(
+                domain,
+                x_tr,
+                y_tr + width * t,
+                x_te,
+                y_te + width * t,
+                classes,
+                t,
+                {
+                    "scenario": "class",
+                    "domain": domain,
+                    "classes": list(classes),
+                    "digit_base": width * t,
+                },
+            )
+        )
+    return Stream(tuple(tasks), "class", width * len(domains), data.source, f"domains-{data.name}")
+
+
+_DOMAIN_VIEWS = {
+    "mnist": lambda x, seed: x.clone(),
+    "inverted": lambda x, seed: 1.0 - x,
+    "noise": lambda x, seed: corrupt(x, "gaussian_noise", 5, seed),
+    "rot90": lambda x, seed: torch.rot90(x, 1, dims=(2, 3)).contiguous(),
+}
 
 
 def rotated(

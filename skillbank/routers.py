@@ -74,14 +74,18 @@ class BaseRouter:
             self._layers = default_layers(model)
         return self._layers
 
-    def _retrieve(self, query: torch.Tensor | np.ndarray, k: int) -> Ranked:
+    def _retrieve(
+        self, query: torch.Tensor | np.ndarray, k: int, space: str | None = None
+    ) -> Ranked:
+        """The ``k`` nearest skills of each row in ``space`` (default: the router's)."""
+        space = space or self.space
         q = np.asarray(query, dtype=np.float32)
         if not np.isfinite(q).all():
             raise InvalidEmbedding(f"{self.name} router: NaN or Inf in the routing features")
         try:
-            hits = self.bank.retrieve(q, k=k, space=self.space, where=self.where)
+            hits = self.bank.retrieve(q, k=k, space=space, where=self.where)
         except InvalidEmbedding as err:
-            if self.space != EXAMPLES and self.space not in self.bank.spaces():
+            if space != EXAMPLES and space not in self.bank.spaces():
                 raise MissingStats(
                     f"the {self.name!r} router needs routing statistics and no skill in this "
                     f"bank has any ({err}); add skills with stats=sb.compute_stats(...) or "
@@ -108,6 +112,14 @@ class BaseRouter:
     def rank(self, pooled: torch.Tensor, desc: torch.Tensor | None, k: int) -> Ranked:
         raise NotImplementedError
 
+    def _scored(self, refs: list[list[str]], by_skill: np.ndarray, k: int) -> Ranked:
+        """Each row's candidates ranked by ``by_skill`` (rows x ``_unique(refs)``)."""
+        col = {r: j for j, r in enumerate(_unique(refs))}
+        scores = np.full((len(refs), max(len(r) for r in refs)), -np.inf)
+        for i, row in enumerate(refs):
+            scores[i, : len(row)] = [by_skill[i, col[r]] for r in row]
+        return self._topk(refs, scores, k)
+
     @staticmethod
     def _topk(refs: list[list[str]], scores: np.ndarray, k: int) -> Ranked:
         """Best ``k`` of each row's candidates by ``scores`` (rows x candidates, -inf = none)."""
@@ -118,6 +130,11 @@ class BaseRouter:
             out_refs.append([refs[i][j] for j in keep])
             out_scores.append([float(scores[i, j]) for j in keep])
         return out_refs, out_scores
+
+
+def _unique(refs: list[list[str]]) -> list[str]:
+    """Every skill named in any row, in a fixed order."""
+    return sorted({r for row in refs for r in row})
 
 
 class ExamplesRouter(BaseRouter):
@@ -151,32 +168,29 @@ class MahalanobisRouter(BaseRouter):
         cov = (1 - self.shrink) * cov + self.shrink * (np.trace(cov) / d + 1e-12) * np.eye(d)
         self._precision = np.linalg.inv(cov)
 
-    def rank(self, pooled, desc, k):
-        self._fresh_stats()
-        refs, _ = self._retrieve(pooled, max(k, self.candidates))
-        if self._precision is None:
-            return refs, [[] for _ in refs]
+    def distances(self, pooled: torch.Tensor, skills: list[str]) -> np.ndarray:
+        """(rows, skills): squared Mahalanobis distance to each skill's nearest class mean."""
         if pooled.shape[1] != self._precision.shape[0]:
             raise InvalidEmbedding(
                 f"routing features are {pooled.shape[1]}-d, the bank's statistics "
                 f"{self._precision.shape[0]}-d: a different backbone?"
             )
-        unique = sorted({r for row in refs for r in row})
-        col = {r: j for j, r in enumerate(unique)}
-        means = [self.stats(r).means() for r in unique]
-        owner = np.concatenate(
-            [np.full(len(m), col[r]) for r, m in zip(unique, means, strict=True)]
-        )
+        means = [self.stats(r).means() for r in skills]
+        owner = np.concatenate([np.full(len(m), j) for j, m in enumerate(means)])
         mu = np.concatenate(means)  # (G, d) class means of every candidate
         f = pooled.double().numpy()
         fp, mp = f @ self._precision, mu @ self._precision
         dist = (fp * f).sum(1)[:, None] - 2 * fp @ mu.T + (mp * mu).sum(1)[None, :]
-        per_skill = np.full((len(f), len(unique)), np.inf)
+        per_skill = np.full((len(f), len(skills)), np.inf)
         np.minimum.at(per_skill, (slice(None), owner), dist)  # nearest class of each skill
-        scores = np.full((len(f), max(len(r) for r in refs)), -np.inf)
-        for i, row in enumerate(refs):
-            scores[i, : len(row)] = [-per_skill[i, col[r]] for r in row]
-        return self._topk(refs, scores, k)
+        return per_skill
+
+    def rank(self, pooled, desc, k):
+        self._fresh_stats()
+        refs, _ = self._retrieve(pooled, max(k, self.candidates))
+        if self._precision is None:
+            return refs, [[] for _ in refs]
+        return self._scored(refs, -self.distances(pooled, _unique(refs)), k)
 
 
 class StatsRouter(BaseRouter):
@@ -195,28 +209,59 @@ class StatsRouter(BaseRouter):
             mean, var = st.layer_moments()
             self._moments[ref] = (mean, (1 - self.shrink) * var + self.shrink * var.mean() + 1e-8)
 
-    def rank(self, pooled, desc, k):
-        if desc is None:
-            raise ConfigError("the stats router needs layer features (Router passes them)")
-        self._fresh_stats()
-        refs, _ = self._retrieve(desc, max(k, self.candidates))
+    def log_likelihoods(self, desc: torch.Tensor, skills: list[str]) -> np.ndarray:
+        """(rows, skills): each skill's diagonal-Gaussian log-likelihood, averaged per dimension."""
         x = desc.double().numpy()
-        scores = np.full((len(x), max(len(r) for r in refs)), -np.inf)
-        cache: dict[str, np.ndarray] = {}
-        for r in {r for row in refs for r in row}:
+        out = np.empty((len(x), len(skills)))
+        for j, r in enumerate(skills):
             mean, var = self._moments[r]
             if mean.shape[0] != x.shape[1]:
                 raise InvalidEmbedding(
                     f"layer features are {x.shape[1]}-d, {r}'s statistics {mean.shape[0]}-d"
                 )
-            cache[r] = -0.5 * (((x - mean) ** 2 / var) + np.log(var)).mean(1)
-        for i, row in enumerate(refs):
-            scores[i, : len(row)] = [cache[r][i] for r in row]
-        return self._topk(refs, scores, k)
+            out[:, j] = -0.5 * (((x - mean) ** 2 / var) + np.log(var)).mean(1)
+        return out
+
+    def rank(self, pooled, desc, k):
+        if desc is None:
+            raise ConfigError(f"the {self.name} router needs layer features (Router passes them)")
+        self._fresh_stats()
+        refs, _ = self._retrieve(desc, max(k, self.candidates))
+        return self._scored(refs, self.log_likelihoods(desc, _unique(refs)), k)
+
+
+class FusedRouter(StatsRouter, MahalanobisRouter):
+    """``mahalanobis`` and ``stats`` together: what a sample is (its class under the
+    pooled feature) and where it comes from (its domain under the layer statistics).
+
+    Each score is a Gaussian log-likelihood per dimension (the Mahalanobis term is
+    ``-d^2 / 2d``), so neither outweighs the other by its width; candidates are the
+    union of both spaces' retrievals.
+    """
+
+    name = "fused"
+    space = PROTOTYPES
+
+    def refresh(self) -> None:
+        MahalanobisRouter.refresh(self)
+        StatsRouter.refresh(self)
+
+    def rank(self, pooled, desc, k):
+        if desc is None:
+            raise ConfigError(f"the {self.name} router needs layer features (Router passes them)")
+        self._fresh_stats()
+        by_class, _ = self._retrieve(pooled, max(k, self.candidates))
+        by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
+        refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
+        skills = _unique(refs)
+        d = pooled.shape[1]
+        scores = -self.distances(pooled, skills) / (2 * d) + self.log_likelihoods(desc, skills)
+        return self._scored(refs, scores, k)
 
 
 ROUTERS: dict[str, type[BaseRouter]] = {
-    r.name: r for r in (ExamplesRouter, PrototypeRouter, MahalanobisRouter, StatsRouter)
+    r.name: r
+    for r in (ExamplesRouter, PrototypeRouter, MahalanobisRouter, StatsRouter, FusedRouter)
 }
 
 
@@ -247,7 +292,7 @@ def make_router(
 
 
 # The runner's default per scenario, chosen from the measurements in the README.
-DEFAULT_ROUTERS = {"class": "mahalanobis", "task": "mahalanobis", "domain": "stats"}
+DEFAULT_ROUTERS = {"class": "fused", "task": "fused", "domain": "stats"}
 
 
 def default_router(scenario: str) -> str:

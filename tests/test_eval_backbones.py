@@ -5,6 +5,7 @@ import pickle
 import pytest
 import torch
 
+import skillbank as sb
 from eval import backbones
 from eval.backbones import create_backbone, features, load_weights, pretrain, resolve_device
 from eval.data import Task
@@ -123,6 +124,22 @@ def test_pretrain_caches_and_reloads(tmp_path, source, monkeypatch):
     assert torch.equal(_outputs(second, x), _outputs(first, x))
     with pytest.raises(AssertionError, match="cache"):
         pretrain("vit_nano", source, **{**kw, "seed": 1})  # a different key must train
+
+
+def test_a_wider_stream_reuses_the_source_backbone(tmp_path, source, monkeypatch):
+    kw = dict(epochs=1, seed=0, cache_dir=tmp_path, device="cpu", batch_size=64)
+    narrow = pretrain("vit_nano", source, **kw)
+    monkeypatch.setattr(backbones, "train", lambda *a, **k: pytest.fail("retrained"))
+    width = 1 + max(source.classes)
+    wide = pretrain("vit_nano", source, **kw, num_classes=width + 20)
+    assert wide.pretrain_info["cached"] and len(list(tmp_path.glob("*.safetensors"))) == 1
+    x = source.x_test[:8]
+    logits = _outputs(wide, x)
+    assert logits.shape == (8, width + 20)
+    torch.testing.assert_close(logits[:, :width], _outputs(narrow, x))
+    assert torch.count_nonzero(logits[:, width:]) == 0  # new classes start at logit 0
+    with pytest.raises(sb.ConfigError, match="fewer than the source"):
+        pretrain("vit_nano", source, **kw, num_classes=width - 1)
 
 
 def test_pretrain_is_deterministic_and_honours_env_cache(tmp_path, source, monkeypatch):

@@ -105,6 +105,41 @@ def test_permuted(small):
     assert not torch.equal(s[1].x_train, s[2].x_train)
 
 
+def test_permuted_disjoint_gives_every_task_new_images(small):
+    s = streams.permuted(small, n_tasks=3, seed=0, keep_first=False, disjoint=True)
+    assert s.name == "permuted-digits-small-disjoint"
+    assert sum(len(t.x_train) for t in s) == len(small.x_train)
+    assert sum(len(t.x_test) for t in s) == len(small.x_test)
+    # every task permuted (none is the source's pixel order), each on its own images
+    assert all(not t.metadata["identity"] for t in s)
+    firsts = [t.x_train.flatten(1).sort(1).values for t in s]
+    assert all(not (_rows(a) & _rows(b)) for i, a in enumerate(firsts) for b in firsts[i + 1 :])
+    # class-balanced: each class's count differs by at most one between tasks
+    counts = torch.stack([t.y_train.bincount(minlength=10) for t in s])
+    assert int((counts.max(0).values - counts.min(0).values).max()) <= 1
+
+
+def test_digit_domains_are_new_classes_on_new_images(data):
+    s = streams.digit_domains(data, seed=0)
+    assert s.scenario == "class" and s.n_classes == 50 and len(s) == 5
+    assert [t.metadata["domain"] for t in s] == list(streams.DIGIT_DOMAINS)
+    for t, task in enumerate(s):
+        assert task.classes == tuple(range(10 * t, 10 * t + 10))
+        assert set(task.y_train.tolist()) == set(task.classes) == set(task.y_test.tolist())
+        assert task.x_train.shape[1:] == (1, 28, 28) and 0 <= task.x_train.min() <= 1
+    plain, inverted, rot = s[0], s[1], s[4]
+    # the MNIST-based domains share the task images out: no image in two of them
+    assert not (_rows(plain.x_train) & _rows(1.0 - inverted.x_train))
+    assert not (_rows(plain.x_train) & _rows(torch.rot90(rot.x_train, -1, dims=(2, 3))))
+    assert abs(float(inverted.x_test.mean()) - (1 - float(plain.x_test.mean()))) < 0.03
+    again = streams.digit_domains(data, seed=0)
+    assert all(torch.equal(a.x_train, b.x_train) for a, b in zip(s, again, strict=True))
+    with pytest.raises(InvalidStream, match="domains must be distinct"):
+        streams.digit_domains(data, domains=["mnist", "sepia"])
+    with pytest.raises(InvalidStream, match="domains must be distinct"):
+        streams.digit_domains(data, domains=["mnist", "mnist"])
+
+
 def test_rotated(small):
     s = streams.rotated(small, n_tasks=4)
     assert [t.metadata["angle"] for t in s] == [0.0, 45.0, 90.0, 135.0]

@@ -64,6 +64,23 @@ def test_stats_router_finds_a_domain_the_pooled_feature_cannot_see(model, bank):
     assert accuracy(model, bank, test, [a, b], router="prototype") <= 0.75
 
 
+def test_fused_router_sees_both_the_class_and_the_domain(model, bank):
+    # "small" and "large" differ only in scale (one direction after L2 norm): the
+    # pooled feature cannot tell them apart; "other" differs in direction.
+    ys = [torch.zeros(300)]
+    near, far = unit(0, 1.0) + unit(1, 1.0), unit(2, 1.0) + unit(3, 1.0)
+    a = add_task(bank, model, "small", [gaussian(near, 0.5, 300, 1)], ys)
+    b = add_task(bank, model, "large", [4 * gaussian(near, 0.5, 300, 2)], ys)
+    c = add_task(bank, model, "other", [gaussian(far, 0.5, 300, 3)], ys)
+    test = [
+        gaussian(near, 0.5, 100, 4),
+        4 * gaussian(near, 0.5, 100, 5),
+        gaussian(far, 0.5, 100, 6),
+    ]
+    assert accuracy(model, bank, test, [a, b, c], router="fused") >= 0.95
+    assert accuracy(model, bank, test, [a, b, c], router="mahalanobis") <= 0.85
+
+
 def test_rerank_keeps_the_candidate_the_adapted_model_is_sure_of(model, bank):
     x = gaussian(unit(0, 3), 0.3, 40, 1)
     ys = [torch.zeros(40)]

@@ -133,7 +133,7 @@ def test_absent_image_folder_is_a_clear_error(tmp_path):
 def test_new_keys_are_validated_and_defaults_unchanged(tmp_path):
     default = load()
     assert (default.stream, default.source_fraction, default.backbone) == (
-        "split-mnist",
+        "domains-mnist",
         0.5,
         "vit_micro",
     )
