@@ -31,7 +31,8 @@ import skillbank as sb
 from skillbank.embed import features
 from skillbank.route_stats import stats_from_features
 
-from . import heads, inflora
+from . import heads as classifier
+from . import inflora
 from .base import Learner
 from .gates import raw_sites
 from .regularisers import olora, overlap, pego
@@ -109,8 +110,8 @@ class Orthogonal(Learner):
     def prepare(self, model: nn.Module, task, bank, name: str) -> None:
         super().prepare(model, task, bank, name)
         self._adapter = name
-        if self.heads or self.align:
-            self._saved_head = heads.snapshot(heads.linear_head(model, self.head))
+        if self.head is not None and (self.heads or self.align):
+            self._saved_head = classifier.snapshot(classifier.linear_head(model, self.head))
         if bank is not None and self.bank_where is not None:
             self._attach_from_bank(model, bank, name)
         self._past = [n for n in sb.adapter_names(model) if n != name]
@@ -161,7 +162,7 @@ class Orthogonal(Learner):
         an earlier run on this base). Raises BaseMismatch, changing nothing, for skills of
         another base."""
         memory = inflora.memory_from_skills(model, skills)
-        found = [heads.stats_from_extras(s.extras, f"statistics of {s.name}") for s in skills]
+        found = [classifier.stats_from_extras(s.extras, f"statistics of {s.name}") for s in skills]
         for p, m in self.memory.items():
             memory[p] = inflora.union([m, memory[p]]) if p in memory else m
         self.memory = memory
@@ -238,9 +239,9 @@ class Orthogonal(Learner):
         self._saved_head = {}
 
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
-        head = heads.linear_head(model, self.head) if self._saved_head else None
+        head = classifier.linear_head(model, self.head) if self._saved_head else None
         if self.heads and head is not None:
-            heads.restore_rows(head, self._saved_head, task.classes)
+            classifier.restore_rows(head, self._saved_head, task.classes)
         extras = {}
         if self.init == "inflora":  # DualGPM update from the inputs the trained model sees
             layers = sb.adapter_layers(model, name)
@@ -254,8 +255,8 @@ class Orthogonal(Learner):
             feats = features(model, task.x_train, head=self.head, batch_size=256)
             stats = stats_from_features(feats, task.y_train)
             self.class_stats.append(stats)
-            extras |= heads.stats_extras(stats)
-            aligned = heads.align(
+            extras |= classifier.stats_extras(stats)
+            aligned = classifier.align(
                 head,
                 self.class_stats,
                 samples=self.align_samples,
