@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 
 import timm
 import torch
 from peft import LoraConfig, get_peft_model
 from rich.console import Console
 from rich.table import Table
+from timing import race
 
 import skillbank as sb
 
@@ -44,20 +43,6 @@ def train_step(model, x, y, opt):
     opt.zero_grad(set_to_none=True)
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-
-
-def race(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call; contenders alternate so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

@@ -232,10 +232,24 @@ def compute_stats(
         f, desc = route_features(model, x, layers=layers, head=head, batch_size=batch_size)
     if not torch.isfinite(f).all() or (desc is not None and not torch.isfinite(desc).all()):
         raise InvalidEmbedding("stats: the backbone gave NaN or Inf features for this data")
-    f64 = f.double()
+    return stats_from_features(f, y, layers=layers, desc=desc)
+
+
+def stats_from_features(
+    f: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    layers: Sequence[str] = (),
+    desc: torch.Tensor | None = None,
+) -> RouteStats:
+    """The sums of features ``f`` (N, d) by label ``y``; ``desc`` is the layer descriptor
+    of ``layers`` (routing) or None. Learners use it for class Gaussians of the
+    features their head reads (classifier alignment)."""
+    y = torch.as_tensor(y).reshape(-1).long()
+    f64 = f.detach().double().cpu()
     classes = torch.unique(y)
     onehot = (y[:, None] == classes[None, :]).double()
-    d = None if desc is None else desc.double()
+    d = None if desc is None else desc.detach().double().cpu()
     return RouteStats(
         tuple(int(c) for c in classes),
         onehot.sum(0).numpy(),
@@ -288,5 +302,6 @@ __all__ = [
     "pooled_within",
     "route_features",
     "shrunk_covariance",
+    "stats_from_features",
     "stats_vectors",
 ]

@@ -142,7 +142,7 @@ def _second(after_first, stream, learner):
 def test_orthogonal_lowers_overlap_with_past_skills(after_first, digits_stream):
     first = after_first[1]
     _, plain = _second(after_first, digits_stream, LoRALearner(train=FAST))
-    model, ortho = _second(after_first, digits_stream, Orthogonal(train=FAST))
+    model, ortho = _second(after_first, digits_stream, Orthogonal(init="lora", train=FAST))
     plain_overlap = subspace_overlap(plain, [first])
     assert ortho.metadata["overlap"] == pytest.approx(subspace_overlap(ortho, [first]))
     assert ortho.metadata["overlap"] < 0.5 * plain_overlap
@@ -168,6 +168,93 @@ def test_orthogonal_reads_past_skills_from_the_bank(base, after_first, digits_st
     assert skill.metadata["past"] == [first.name]
     assert skill.metadata["overlap"] is not None
     assert {n for n, _ in sb.active_adapters(model)} == {first.name, skill.name}
+
+
+def test_old_head_rows_are_bit_identical_after_later_tasks(base, digits_stream):
+    model = copy.deepcopy(base)
+    learner = Orthogonal(align=False, train=FAST)
+    learner.fit(model, digits_stream[0])
+    rows = list(digits_stream[0].classes)
+    kept = {k: v[rows].clone() for k, v in model.head.state_dict().items()}
+    for task in digits_stream[1:3]:
+        learner.fit(model, task)
+    for k, v in model.head.state_dict().items():
+        assert torch.equal(v[rows], kept[k])
+
+
+def test_inflora_a_is_orthogonal_to_the_memory(base, digits_stream):
+    model = copy.deepcopy(base)
+    learner = Orthogonal(train=FAST)
+    learner.fit(model, digits_stream[0])
+    memory = {p: m.clone() for p, m in learner.memory.items()}
+    skill = learner.fit(model, digits_stream[1])
+    assert memory and all(m.shape[1] > 0 for m in memory.values())
+    for layer in sb.adapter_layers(model, skill.name):
+        a, _ = layer.factors_2d(skill.name)
+        assert torch.allclose(a @ memory[layer.path], torch.zeros(()), atol=1e-5)
+        assert not layer.factor_parameters(skill.name)[0].requires_grad  # A frozen, B trained
+    assert skill.metadata["overlap"] < 1e-4  # the past A rows are avoided too
+
+
+def test_inflora_memory_and_class_statistics_round_trip_through_the_bank(
+    base, digits_stream, tmp_path
+):
+    first = Orthogonal(train=FAST)
+    skill = first.fit(copy.deepcopy(base), digits_stream[0])
+    bank = sb.SkillBank.open(str(tmp_path / "bank"))
+    bank.add("first", skill, tags={"run": "r1"})
+    later = Orthogonal(bank_where={"tags": {"run": "r1"}}, train=FAST)
+    model = copy.deepcopy(base)
+    later.fit(model, digits_stream[1], bank)
+    for path, m in first.memory.items():  # the later memory contains the first one's span
+        grown = later.memory[path]
+        assert torch.allclose(grown @ (grown.T @ m), m, atol=1e-4)
+    assert len(later.class_stats) == 2
+    assert later.class_stats[0].classes == tuple(digits_stream[0].classes)
+
+
+def test_memory_from_another_base_is_refused(base, digits_stream):
+    skill = Orthogonal(train=FAST).fit(copy.deepcopy(base), digits_stream[0])
+    other = create_backbone("vit_micro", img_size=8)
+    sb.add_adapter(other, "probe", sb.LoRAConfig(rank=2, targets=("attn.qkv",)))
+    learner = Orthogonal(train=FAST)
+    with pytest.raises(sb.BaseMismatch, match="another base"):
+        learner.continue_from(other, [skill])
+    assert learner.memory == {} and learner.class_stats == []
+
+
+def test_alignment_undoes_a_head_biased_to_the_newest_classes():
+    from learners import heads
+    from skillbank.route_stats import stats_from_features
+
+    gen = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 16, generator=gen)
+    y = torch.arange(4).repeat_interleave(200)
+    x = means[y] + 0.5 * torch.randn(len(y), 16, generator=gen)
+    head = torch.nn.Linear(16, 4)
+    with torch.no_grad():  # a fair classifier, then the newest task's rows pushed up
+        head.weight.copy_(means)
+        head.bias.copy_(-0.5 * (means**2).sum(1) + torch.tensor([0.0, 0.0, 30.0, 30.0]))
+
+    def accuracy():
+        with torch.no_grad():
+            return (head(x).argmax(1) == y).float().mean().item()
+
+    before = accuracy()
+    stats = [stats_from_features(x[y < 2], y[y < 2]), stats_from_features(x[y >= 2], y[y >= 2])]
+    heads.align(head, stats, seed=0)
+    assert before < 0.6 and accuracy() > 0.95
+
+
+def test_orthogonal_refuses_bad_settings():
+    for bad in (
+        {"init": "svd"},
+        {"energy": 0.0},
+        {"energy": 0.99, "energy_end": 0.9},
+        {"n_tasks": 0},
+    ):
+        with pytest.raises(sb.ConfigError):
+            Orthogonal(**bad)
 
 
 # ------------------------------------------------------------------- IncreLoRA

@@ -143,6 +143,7 @@ class AdapterLayer(nn.Module):
         self.mix: torch.Tensor | None = None  # composition: (rows, K) weights over mix_names
         self.mix_names: tuple[str, ...] = ()
         self._cat_cache: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._reads: tuple[Any, list[torch.Tensor]] | None = None  # see _active_reads
 
     # ------------------------------------------------------------ kind hooks
     @classmethod
@@ -238,6 +239,7 @@ class AdapterLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.scaling[name] = float(scale)
         self.ranks[name] = int(rank)
+        self._drop_caches()
 
     def remove(self, name: str) -> None:
         """Drop adapter ``name`` from this layer (``sb.remove_adapter`` calls this).
@@ -249,6 +251,7 @@ class AdapterLayer(nn.Module):
             del getattr(self, attr)[name]
         for attr in self.adapter_meta_names:
             getattr(self, attr).pop(name, None)
+        self._drop_caches()
         self.set_active([(n, w) for n, w in self.active if n != name])
 
     def names(self) -> list[str]:
@@ -427,8 +430,21 @@ class AdapterLayer(nn.Module):
         scales = tuple(self.scaling[n] for n in names)
         return scales, tuple((t._version, t.data_ptr()) for t in tensors)
 
+    def _active_reads(self) -> list[torch.Tensor]:
+        """The tensors the active set's forward reads, looked up once per active set: the
+        merged-weight check runs every eval forward, and the lookups (parametrizations,
+        ParameterDicts) cost more than the base layer itself on small models."""
+        if self._reads is None or self._reads[0] != self.active:
+            tensors = []
+            for n, _ in self.active:
+                tensors += self.factor_parameters(n)
+                for g in self.rank_gates(n):
+                    tensors += [*g.parameters(), *g.buffers()]
+            self._reads = (self.active, tensors)
+        return self._reads[1]
+
     def _drop_caches(self) -> None:
-        self._eval_cache = self._stack_cache = self._cat_cache = None
+        self._eval_cache = self._stack_cache = self._cat_cache = self._reads = None
 
     def set_active(self, pairs: list[tuple[str, float]]) -> None:
         """The active set of this layer; names it does not carry are skipped.
@@ -484,7 +500,8 @@ class AdapterLayer(nn.Module):
             w._version,
             w.data_ptr(),
             w.dtype,
-            self._state_key([n for n, _ in self.active]),
+            tuple(self.scaling[n] for n, _ in self.active),
+            tuple((t._version, t.data_ptr()) for t in self._active_reads()),
         )
         if self._eval_cache is None or self._eval_cache[0] != key:
             with torch.no_grad():
