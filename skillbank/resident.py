@@ -27,6 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from storage import SkillNotFound
@@ -293,7 +294,8 @@ class ResidentSet:
         if name in adapter_names(self.model):  # the caller's own adapter: theirs to keep
             self._external[ref] = (name, skill)
             return self._external[ref]
-        attach(self.model, skill, name, load_head=False, activate=False)
+        with torch.inference_mode(False):  # normal tensors, whatever mode the caller is in
+            attach(self.model, skill, name, load_head=False, activate=False)
         self._resident[ref] = (name, skill)
         return self._resident[ref]
 

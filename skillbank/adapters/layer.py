@@ -448,7 +448,8 @@ class AdapterLayer(nn.Module):
             for g in self.rank_gates(n):
                 tensors += [*g.parameters(), *g.buffers()]
         scales = tuple(self.scaling[n] for n in names)
-        return scales, tuple((t._version, t.data_ptr()) for t in tensors)
+        # inference tensors (made under torch.inference_mode) cannot change: no version
+        return scales, tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
     def _drop_caches(self) -> None:
         self._eval_cache = self._cat_cache = None
