@@ -78,7 +78,8 @@ def features(
         out = torch.cat(out).float().flatten(1)
         return out if keep_device else out.cpu()
     finally:
-        model.train(was_training)
+        if was_training:  # else eval() left it in eval mode: no second walk of the modules
+            model.train()
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:

@@ -188,7 +188,6 @@ class Router:
     def _forward(self, x: torch.Tensor, refs: list[str]) -> torch.Tensor:
         chosen = sorted(set(refs))
         slot = {r: i for i, r in enumerate(chosen)}
-        self.model.eval()
         with self.resident.holding(chosen) as held:
             with self._planned(mixed_batch, [held[r][0] for r in refs]):
                 pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
@@ -212,7 +211,6 @@ class Router:
         for i, row in enumerate(refs):
             for j, r in enumerate(row):
                 mix[i, slot[r]] += weights[i, j]
-        self.model.eval()
         with self.resident.holding(chosen) as held:
             with self._planned(composed, [held[r][0] for r in chosen], mix):
                 pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)

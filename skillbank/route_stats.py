@@ -101,7 +101,8 @@ def route_features(
                         )
                     )
     finally:
-        model.train(was_training)
+        if was_training:  # else eval() left it in eval mode: no second walk of the modules
+            model.train()
     f = F.normalize(torch.cat(pooled), dim=1).cpu()
     return f, (torch.cat(desc).cpu() if desc else None)
 
