@@ -235,26 +235,7 @@ class ResidentSet:
     def _acquire(self, refs: list[str]) -> Held:
         self._drop_removed(refs)
         needed = [r for r in refs if r not in self._external]  # what counts against the cap
-        self._room(needed)
-        if len(set(needed) | self._pinned) > self._cap:
-            raise ConfigError(
-                f"a batch needs {len(needed)} skills at once; max_resident is {self._cap} with "
-                f"{len(self._pinned)} pinned (Router.forward splits larger batches)"
-            )
-        while True:  # plan the evictions; wait while batches in flight hold the candidates
-            missing = [r for r in needed if r not in self._resident]
-            excess = len(self._resident) + len(missing) - self._cap
-            victims = [
-                r
-                for r in self._resident
-                if r not in self._pinned and r not in self._in_use and r not in needed
-            ][: max(excess, 0)]
-            if len(victims) >= excess:
-                break
-            self._freed.wait()
-        for r in victims:
-            self._detach(r)
-            self._evictions += 1
+        missing = self._make_room(needed) if needed else []
         self._hits += len(needed) - len(missing)
         held: Held = {r: self._external[r] for r in refs if r in self._external}
         for r in needed:
@@ -269,6 +250,30 @@ class ResidentSet:
         for r in held:
             self._in_use[r] += 1
         return held
+
+    def _make_room(self, needed: list[str]) -> list[str]:
+        """Evict least recently used skills until ``needed`` fits; the ones to load."""
+        self._room(needed)  # fixes the default cap on first use
+        if len(set(needed) | self._pinned) > self._cap:
+            raise ConfigError(
+                f"a batch needs {len(needed)} skills at once; max_resident is {self._cap} with "
+                f"{len(self._pinned)} pinned (Router.forward splits larger batches)"
+            )
+        while True:  # wait while batches in flight hold the candidates
+            missing = [r for r in needed if r not in self._resident]
+            excess = len(self._resident) + len(missing) - self._cap
+            victims = [
+                r
+                for r in self._resident
+                if r not in self._pinned and r not in self._in_use and r not in needed
+            ][: max(excess, 0)]
+            if len(victims) >= excess:
+                break
+            self._freed.wait()
+        for r in victims:
+            self._detach(r)
+            self._evictions += 1
+        return missing
 
     def _drop_removed(self, refs: Sequence[str]) -> None:
         """Skills gone from the bank leave the model (once no batch holds them); asking

@@ -281,3 +281,18 @@ def test_a_factor_changed_inside_the_block_is_seen(x28):
         layer.set_adapter_scale("a", 3 * layer.adapter_scale("a"))
         after = vit(x)
     assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
+
+
+def test_the_callers_adapters_are_never_counted_or_evicted(model, bank):
+    skill = bank.get(ref(0))
+    sb.attach(model, skill, "mine", load_head=False, activate=False)
+    router = serve(model, bank)  # the default cap is fixed only once a bank skill loads
+    router.register(ref(0), "mine", skill)
+    x = torch.randn(2, 8)
+    router.forward(x, [ref(0)] * 2)
+    assert router.stats.resident == 0 and router.stats.max_resident == 0
+    small = serve(model, bank, max_resident=1)
+    small.register(ref(0), "mine", skill)
+    for i in (1, 2, 3):
+        small.forward(x, [ref(0), ref(i)])
+    assert sorted(sb.adapter_names(model)) == ["mine", "s3-v1"]

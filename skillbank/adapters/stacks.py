@@ -60,9 +60,8 @@ class StackPool:
     def acquire(self, layer: AdapterLayer, names: Sequence[str]) -> list[int]:
         """The slots of ``names`` (written if missing or stale), held until ``release``."""
         with self.lock, torch.inference_mode(False), torch.no_grad():
-            first = layer.slot_factors(names[0])[0] if names else None
-            if first is not None and self.tensors is not None and not self.users:
-                a = self.tensors[0]
+            if names and self.tensors is not None and not self.users:
+                first, a = layer.factor_parameters(names[0])[0], self.tensors[0]
                 if (a.device, a.dtype) != (first.device, first.dtype):
                     self._clear()  # the model moved (device or dtype): start over
             slots = []
