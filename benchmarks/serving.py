@@ -20,9 +20,10 @@ rate, misses, evictions, extra forwards of batches that needed more skills
 than fit, load time, and resident memory (adapters on the model plus their
 mixed-batch stacks) against the cap's worth of skills.
 
-``--flat N`` then routes N small batches through a tiny model over a bank of
-200 skills with a cap of 8 and prints process RSS and the resident set as it
-goes: memory must stay flat.
+``--flat N`` then routes N batches of 8 through a tiny ViT over a bank of 32
+skills with a cap of 8 (Zipf: about one skill loaded and one evicted per batch)
+and prints process RSS, the resident set and the stacks as it goes: memory
+must stay flat.
 """
 
 from __future__ import annotations
@@ -144,18 +145,23 @@ def serve(args, law: str, bank: sb.SkillBank, base: torch.nn.Module, x: torch.Te
     }
 
 
+FLAT_SKILLS, FLAT_CAP, FLAT_ROWS = 32, 8, 8
+
+
 def flat(n_batches: int, console: Console) -> None:
     """Memory over many routed batches on a tiny model: RSS and the resident set."""
     torch.manual_seed(0)
     base = build(24, 1).eval()
+    start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        bank = make_bank(base, 200, 8, Path(tmp) / "bank")
+        bank = make_bank(base, FLAT_SKILLS, 8, Path(tmp) / "bank")
         model = copy.deepcopy(base)
-        router = sb.Router(model, bank, max_resident=8, mask_classes=False)
+        router = sb.Router(model, bank, max_resident=FLAT_CAP, mask_classes=False)
         rng = np.random.default_rng(2)
-        x = torch.randn(16, 1, 28, 28)
+        x = torch.randn(FLAT_ROWS, 1, 28, 28)
         table = Table(
-            title=f"memory over {n_batches} routed batches of 16 (tiny ViT, cap 8, Zipf 1.1 over 200)"
+            title=f"memory over {n_batches} routed batches of {FLAT_ROWS} (ViT d=24 depth=1, "
+            f"cap {FLAT_CAP}, Zipf 1.1 over {FLAT_SKILLS} skills)"
         )
         for col in (
             "batches",
@@ -170,7 +176,7 @@ def flat(n_batches: int, console: Console) -> None:
         step = max(1, n_batches // 10)
         with torch.inference_mode():
             for i in range(1, n_batches + 1):
-                router.forward(x, picks("zipf", 200, len(x), 1.1, rng))
+                router.forward(x, picks("zipf", FLAT_SKILLS, len(x), 1.1, rng))
                 if i == 1 or i % step == 0:
                     st = router.stats
                     layers = sb.adapter_layers(model)
@@ -185,6 +191,7 @@ def flat(n_batches: int, console: Console) -> None:
                     )
         bank.close()
     console.print(table)
+    console.print(f"{time.perf_counter() - start:.0f} s")
 
 
 def main() -> None:

@@ -457,11 +457,14 @@ class AdapterLayer(nn.Module):
     def _state_key(self, names) -> tuple:
         """Scales and tensor versions of all the forward reads for ``names`` (trained
         factors, rank gates): a cache keyed on it is rebuilt after any change to them."""
-        tensors = []
-        for n in names:
-            tensors += self.factor_parameters(n)
-            for g in self.rank_gates(n):
-                tensors += [*g.parameters(), *g.buffers()]
+        if not P.is_parametrized(self.lora_B):  # no rank gate on the layer: A and B alone
+            tensors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        else:
+            tensors = []
+            for n in names:
+                tensors += self.factor_parameters(n)
+                for g in self.rank_gates(n):
+                    tensors += [*g.parameters(), *g.buffers()]
         scales = tuple(self.scaling[n] for n in names)
         # inference tensors (made under torch.inference_mode) cannot change: no version
         return scales, tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
