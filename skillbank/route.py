@@ -27,7 +27,7 @@ from .adapters.mixed import composed, mixed_batch
 from .bank import SkillBank
 from .embed import features
 from .errors import ConfigError
-from .resident import ResidentSet, ResidentStats
+from .resident import ResidentSet, ResidentStats, adapter_name_for  # noqa: F401 (its old home)
 from .route_stats import route_features
 from .routers import check_options, make_router
 from .skill import Skill

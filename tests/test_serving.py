@@ -150,7 +150,7 @@ def test_threads_routing_through_one_model_give_the_serial_outputs(model, bank):
     def work(t: int) -> None:
         try:
             start.wait()
-            for rep in range(6):
+            for _ in range(6):
                 for j in range(t, len(batches), 4):
                     got.setdefault(j, []).append(router(batches[j]))
         except Exception as err:  # pragma: no cover - reported below

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..errors import UnsupportedModule
 from .calls import MixPlan, RowPlan, current
 from .functional import lora_linear
-from .layer import AdapterLayer, Factors, RowAdd
+from .layer import AdapterLayer, Factors
 
 ADAPTER_KINDS: dict[type[nn.Module], type[AdapterLayer]] = {}
 
@@ -54,15 +54,11 @@ class _LinearMap(AdapterLayer):
 
     linear_input = True
     stack_transposed = True
-    stack_spare = 1  # B's stacks keep a zero rank unit for the bias (``mixed_project``)
 
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add
     ) -> torch.Tensor:
-        """``x W^T + b`` plus ``add``'s low-rank term; the active set and mixed batches run
-        fused when they can."""
-        if isinstance(add, RowAdd) and self._fusable_rows(x, weight):
-            return self.mixed_project(x, weight, bias, add.plan)
+        """``x W^T + b`` plus ``add``'s low-rank term; the active set runs fused when it can."""
         if add == self.lowrank_add and self._fusable(x, weight):
             pairs = [(self.factors_2d(n), w * self.scaling[n]) for n, w in self.active]
             a = torch.cat([a for (a, _), _ in pairs]) if len(pairs) > 1 else pairs[0][0][0]
@@ -81,29 +77,6 @@ class _LinearMap(AdapterLayer):
             for n, _ in self.active
         )
 
-    def _fusable_rows(self, x: torch.Tensor, weight: torch.Tensor) -> bool:
-        return not torch.is_autocast_enabled(x.device.type) and x.dtype == weight.dtype
-
-    def mixed_project(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: RowPlan
-    ) -> torch.Tensor:
-        """``x W^T + b`` plus each row's adapter, the low-rank term first: its batched
-        product writes the output (the bias rides along as one more rank unit) and the
-        base product accumulates into it, so the output is written once and updated
-        once, as by ``F.linear`` alone, instead of updated a second time."""
-        self._check_rows("mixed_batch was given", plan.local.shape[0], x)
-        a_t, b_t, rows = self.row_stacks(plan)  # (K+1, in, r), (K+1, r + 1, out)
-        n, fan_out = x.shape[0], weight.shape[0]
-        x3 = x.reshape(n, -1, x.shape[-1])
-        h = torch.bmm(x3.to(a_t.dtype), a_t.index_select(0, rows))
-        b = b_t.index_select(0, rows)  # a copy: its spare unit takes the bias
-        if bias is not None:
-            b[:, -1] = bias.to(b.dtype)
-        h = torch.cat([h, h.new_ones(*h.shape[:2], 1)], 2)  # small: rows x tokens x (r + 1)
-        out = torch.bmm(h, b).to(x.dtype)
-        out.view(-1, fan_out).addmm_(x3.reshape(-1, x3.shape[-1]), weight.t())
-        return out.view(*x.shape[:-1], fan_out)
-
     def lowrank_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         x2, o2 = _flat_rows(x, out)
         for name, weight in self.active:
@@ -121,10 +94,9 @@ class _LinearMap(AdapterLayer):
         a_t, b_t, rows = self.row_stacks(plan)  # (K+1, in, r), (K+1, r, out): no copies in bmm
         n = x.shape[0]
         x3 = x.reshape(n, -1, x.shape[-1]).to(a_t.dtype)
-        h = torch.bmm(x3, a_t[rows])
+        h = torch.bmm(x3, a_t.index_select(0, rows))
         o3 = out.view(n, -1, out.shape[-1])
-        b = b_t[rows][:, : h.shape[-1]]  # without the spare unit
-        o3.baddbmm_(h.to(o3.dtype), b.to(o3.dtype))
+        o3.baddbmm_(h.to(o3.dtype), b_t.index_select(0, rows).to(o3.dtype))
         return out
 
     def mix_add(self, x: torch.Tensor, out: torch.Tensor, plan: MixPlan) -> torch.Tensor:

@@ -96,18 +96,6 @@ class Factors:
             self.B.copy_(b.reshape(b_shape).movedim(-1, self.rank_axis_B))
 
 
-@dataclass(frozen=True)
-class RowAdd:
-    """A mixed batch's low-rank term as an ``add(x, out)``; linear kinds may instead run
-    it first and let their base product accumulate into it (``_LinearMap.project``)."""
-
-    layer: AdapterLayer
-    plan: RowPlan
-
-    def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.layer.mixed_add(x, out, self.plan)
-
-
 class _RankGate(nn.Module):
     """The parametrisation ``B -> B diag(fn())`` along B's rank axis."""
 
@@ -141,9 +129,6 @@ class AdapterLayer(nn.Module):
     # Layout of the mixed-batch stacks: (K+1, in, r) and (K+1, r, out) when True (what a
     # batched x @ A^T reads without copies), else (K+1, r, in) and (K+1, out, r).
     stack_transposed: ClassVar[bool] = False
-    # Zero rank units after the largest rank in B's stacks, for a kind to fill per call
-    # (linear maps put their bias there, see ``_LinearMap.mixed_project``).
-    stack_spare: ClassVar[int] = 0
 
     def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
@@ -561,7 +546,9 @@ class AdapterLayer(nn.Module):
             plan = call.rows
             if not plan.names:  # none of the call's adapters is on this layer
                 return self.run(self.base_weight(), None, *args, **kwargs)
-            return self.run(self.base_weight(), RowAdd(self, plan), *args, **kwargs)
+            return self.run(
+                self.base_weight(), lambda x, out: self.mixed_add(x, out, plan), *args, **kwargs
+            )
         if not self.active or self.merged is not None:
             return self.run(self.base_weight(), None, *args, **kwargs)
         if not self.training and not self._needs_grad():
@@ -649,13 +636,13 @@ class AdapterLayer(nn.Module):
             pooled = self._pool.current(self, plan.names, plan.held)
             if pooled is not None:
                 return pooled[0], pooled[1], plan.slots
-        return (*self.stacks(plan.names, self.stack_transposed, self.stack_spare), plan.local)
+        return (*self.stacks(plan.names, self.stack_transposed), plan.local)
 
     def stacks(
-        self, names: tuple[str, ...], transposed: bool = False, spare: int = 0
+        self, names: tuple[str, ...], transposed: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of ``names`` stacked, slot 0 all zeros, scale folded into B:
-        A (K+1, r, fan_in) and B (K+1, fan_out, r + spare), or both transposed (contiguous).
+        A (K+1, r, fan_in) and B (K+1, fan_out, r), or both transposed (contiguous).
 
         Ranks are zero-padded to the largest, so one gather serves every row.
         Built per call (differentiable); mixed batches without gradients read the
@@ -668,8 +655,7 @@ class AdapterLayer(nn.Module):
             [a0.new_zeros(r, a0.shape[1])] + [F.pad(a, (0, 0, 0, r - a.shape[0])) for a, _ in pairs]
         )
         b_stack = torch.stack(
-            [b0.new_zeros(b0.shape[0], r + spare)]
-            + [F.pad(b, (0, r + spare - b.shape[1])) for _, b in pairs]
+            [b0.new_zeros(b0.shape[0], r)] + [F.pad(b, (0, r - b.shape[1])) for _, b in pairs]
         )
         if transposed:
             a_stack, b_stack = (

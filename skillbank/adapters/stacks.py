@@ -31,8 +31,8 @@ class StackPool:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        # (A, B) read together: (C+1, in, R), (C+1, R + spare, out) for linear maps
-        # (transposed), (C+1, R, in), (C+1, out, R + spare) otherwise
+        # (A, B) read together: (C+1, in, R), (C+1, R, out) for linear maps (transposed),
+        # (C+1, R, in), (C+1, out, R) otherwise
         self.tensors: tuple[torch.Tensor, torch.Tensor] | None = None
         self.entries: dict[str, tuple[int, Any]] = {}  # adapter -> (slot, state key)
         self.users: Counter[int] = Counter()
@@ -107,7 +107,7 @@ class StackPool:
             del self.entries[name]
             self._retire(entry[0])
         a, b = layer.slot_factors(name)
-        slot = self._take(layer, a, b)
+        slot = self._take(a, b, layer.stack_transposed)
         self._write(slot, a, b, layer.stack_transposed)
         self.entries[name] = (slot, key)
         return slot
@@ -130,29 +130,29 @@ class StackPool:
     def _clear(self) -> None:
         self.tensors, self.entries, self.free, self.retired = None, {}, [], set()
 
-    def _take(self, layer: AdapterLayer, a: torch.Tensor, b: torch.Tensor) -> int:
+    def _take(self, a: torch.Tensor, b: torch.Tensor, transposed: bool) -> int:
         """A free slot for a rank ``a.shape[0]`` adapter, growing the stacks if needed."""
-        rank, cap = a.shape[0], self.capacity
-        have = (
-            0 if self.tensors is None else self.tensors[0].shape[2 if layer.stack_transposed else 1]
-        )
+        rank = a.shape[0]
+        cap = self.capacity
+        have = 0 if self.tensors is None else self.tensors[0].shape[2 if transposed else 1]
         if not self.free or rank > have:
             grow = not self.free
-            self._resize(layer, cap * 2 if grow and cap else max(cap, 1), max(rank, have), a, b)
+            self._resize(
+                cap * 2 if grow and cap else max(cap, 1), max(rank, have), a, b, transposed
+            )
             if grow:
                 self.free.extend(range(self.capacity, cap, -1))
         return self.free.pop()
 
     def _resize(
-        self, layer: AdapterLayer, cap: int, rank: int, a: torch.Tensor, b: torch.Tensor
+        self, cap: int, rank: int, a: torch.Tensor, b: torch.Tensor, transposed: bool
     ) -> None:
-        fan_in, fan_out, rank_b = a.shape[1], b.shape[0], rank + layer.stack_spare
-        if layer.stack_transposed:
-            shapes = ((fan_in, rank), (rank_b, fan_out))
-        else:
-            shapes = ((rank, fan_in), (fan_out, rank_b))
+        fan_in, fan_out = a.shape[1], b.shape[0]
+        shapes = (
+            ((fan_in, rank), (rank, fan_out)) if transposed else ((rank, fan_in), (fan_out, rank))
+        )
         new = tuple(a.new_zeros(cap + 1, *s) for s in shapes)
-        if self.tensors is not None:  # old slots keep their place (spare units are zeros)
+        if self.tensors is not None:
             for old, t in zip(self.tensors, new, strict=True):
                 t[: old.shape[0], : old.shape[1], : old.shape[2]] = old
         self.tensors = new  # one assignment: readers see the old pair or the new one
