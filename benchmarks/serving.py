@@ -194,24 +194,8 @@ def flat(n_batches: int, console: Console) -> None:
     console.print(f"{time.perf_counter() - start:.0f} s")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--skills", type=int, default=1000)
-    ap.add_argument("--cap", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--batches", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--zipf", type=float, default=1.1)
-    ap.add_argument("--embed-dim", type=int, default=192)
-    ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--flat", type=int, default=10000, help="batches of the memory check (0: skip)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    console = Console(width=220)
+def routing(args, console: Console) -> None:
+    """The serving table: every law over one bank."""
     base = build(args.embed_dim, args.depth).eval()
     x = torch.randn(args.batch, 1, 28, 28)
     with tempfile.TemporaryDirectory() as tmp:
@@ -272,6 +256,28 @@ def main() -> None:
         "worth of skills, twice (adapter + stack slot). uptime: "
         + os.popen("uptime").read().strip()
     )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--skills", type=int, default=1000)
+    ap.add_argument("--cap", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=20, help="timed batches per law (0: skip)")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--zipf", type=float, default=1.1)
+    ap.add_argument("--embed-dim", type=int, default=192)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flat", type=int, default=10000, help="batches of the memory check (0: skip)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    console = Console(width=220)
+    if args.batches:
+        routing(args, console)
     if args.flat:
         flat(args.flat, console)
 
