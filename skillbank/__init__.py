@@ -27,6 +27,7 @@ from .embed import TextEmbedder, example_embedding, features
 from .errors import *  # noqa: F403  (the error family is part of the public surface)
 from .errors import __all__ as _errors
 from .fingerprint import Fingerprint, fingerprint
+from .resident import ResidentStats, default_max_resident
 from .route import Routed, Router, route
 from .route_stats import MissingStats, RouteStats, compute_stats
 from .routers import ROUTERS
@@ -36,8 +37,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "COMPOSE",
+    "ResidentStats",
     "Routed",
     "Router",
+    "default_max_resident",
     "route",
     "ROUTERS",
     "MissingStats",

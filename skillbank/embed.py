@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters.calls import own_hooks
 from .errors import ConfigError
 
 log = logging.getLogger("skillbank")
@@ -39,11 +40,9 @@ def pre_logits(model: nn.Module, x: torch.Tensor, head: str | None = None) -> to
     if head is None:
         return model(x)
     captured: list[torch.Tensor] = []
-    hook = model.get_submodule(head).register_forward_hook(lambda m, i, o: captured.append(i[0]))
-    try:
+    # a hook of this call only: another thread's pass through the head is not caught
+    with own_hooks([model.get_submodule(head)], lambda _j, i, _o: captured.append(i[0])):
         model(x)
-    finally:
-        hook.remove()
     return captured[0]
 
 
@@ -79,7 +78,8 @@ def features(
         out = torch.cat(out).float().flatten(1)
         return out if keep_device else out.cpu()
     finally:
-        model.train(was_training)
+        if was_training:  # else eval() left it in eval mode: no second walk of the modules
+            model.train()
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0) -> torch.Tensor:

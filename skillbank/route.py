@@ -14,22 +14,23 @@ keeps the one the adapted model is most confident on (m adapted forwards).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .adapters.inject import adapter_names, disabled
+from .adapters.inject import disabled
 from .adapters.mixed import composed, mixed_batch
 from .bank import SkillBank
 from .embed import features
 from .errors import ConfigError
+from .resident import ResidentSet, ResidentStats, adapter_name_for  # noqa: F401 (its old home)
 from .route_stats import route_features
 from .routers import check_options, make_router
-from .skill import Skill, attach
+from .skill import Skill
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,19 @@ class Routed:
     scores: list
 
 
-def adapter_name_for(ref: str) -> str:
-    """A valid adapter name for a bank ref (``name@3`` -> ``name-v3``)."""
-    return re.sub(r"[^A-Za-z0-9_\-+]", "_", ref.replace("@", "-v"))[:200]
-
-
 class Router:
     """Routes rows of a batch to skills of ``bank`` (optionally filtered by ``where``).
 
-    Skills are attached to ``model`` (inactive) the first time they are chosen
-    and kept. ``head`` names the module whose input is the pre-logit feature
+    Skills are attached to ``model`` (inactive) when a batch needs them; at most
+    ``max_resident`` stay attached, the least recently used unpinned one leaving
+    when room is needed, never one a batch in flight uses (``skillbank.resident``;
+    the default cap keeps resident skills within the base model's size). ``pin``
+    lists refs loaded at once and never evicted. A batch needing more skills than
+    fit runs in several forwards (rows grouped by skill), outputs in row order.
+    ``stats`` reports hits, misses, evictions and load time. One Router may serve
+    many threads at once (inference only; see ``skillbank.adapters.mixed``).
+
+    ``head`` names the module whose input is the pre-logit feature
     (timm models need no name). With ``mask_classes`` each row's prediction is
     limited to its skill's ``metadata["classes"]`` (class-incremental routing).
     ``router`` names how rows find skills (``examples``, ``prototype``,
@@ -73,6 +77,8 @@ class Router:
         router: str = "examples",
         rerank: int = 0,
         router_options: Mapping[str, Any] | None = None,
+        max_resident: int | None = None,
+        pin: Sequence[str] = (),
     ) -> None:
         self.model, self.bank, self.space, self.where = model, bank, space, where
         self.head, self.mask_classes = head, mask_classes
@@ -80,7 +86,12 @@ class Router:
             raise ConfigError(f"rerank must be >= 0, got {rerank}")
         self.rerank = rerank
         self.router = make_router(router, bank, where, space=space, **check_options(router_options))
-        self._skills: dict[str, tuple[str, Skill]] = {}
+        self.resident = ResidentSet(model, bank, max_resident, pin)  # last: it attaches pins
+
+    @property
+    def stats(self) -> ResidentStats:
+        """Hits, misses, evictions, load time and resident counts so far (a snapshot)."""
+        return self.resident.stats()
 
     def register(self, ref: str, adapter: str, skill: Skill) -> None:
         """Tell the router that ``ref`` is already on the model as adapter ``adapter``.
@@ -90,25 +101,28 @@ class Router:
             adapter: The adapter name it has on the model.
             skill: The skill itself (its head and classes are used for scoring).
         """
-        self._skills[ref] = (adapter, skill)
+        self.resident.register(ref, adapter, skill)
 
     def skill(self, ref: str) -> tuple[str, Skill]:
-        """(adapter name, skill) of a ref, attaching it on first use.
+        """(adapter name, skill) of a ref, attaching it if it is not resident (a later
+        batch may evict it again).
 
         Args:
             ref: A bank ref; fetched from the bank and attached (inactive) if new.
         """
-        if ref not in self._skills:
-            skill = self.bank.get(ref)
-            name = adapter_name_for(ref)
-            if name not in adapter_names(self.model):
-                attach(self.model, skill, name, load_head=False, activate=False)
-            self._skills[ref] = (name, skill)
-        return self._skills[ref]
+        return self.resident.lookup(ref)
 
     def disabled(self):
         """The bare base, adapters off (where routing features come from)."""
-        return disabled(self.model)
+        return self._planned(disabled)
+
+    def _planned(self, call, *args):
+        """``call(model, *args)`` entered while no skill is being attached or evicted (its
+        plan walks the model); its forwards then run unlocked."""
+        stack = ExitStack()
+        with self.resident.lock:
+            stack.enter_context(call(self.model, *args))
+        return stack
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, k: int = 1) -> Routed:
@@ -158,13 +172,26 @@ class Router:
             x: A batch of inputs.
             refs: One bank ref per row.
         """
+        if len(refs) != len(x):
+            raise ConfigError(f"forward needs one ref per row: {len(x)} rows, {len(refs)} refs")
+        chunks = self.resident.chunks(refs)
+        if len(chunks) == 1:
+            return self._forward(x, refs)
+        out = None
+        for rows in chunks:  # more skills than fit at once: a forward per group, rows in place
+            logits = self._forward(x[rows], [refs[i] for i in rows])
+            if out is None:
+                out = logits.new_empty(len(x), *logits.shape[1:])
+            out[torch.tensor(rows, device=out.device)] = logits
+        return out
+
+    def _forward(self, x: torch.Tensor, refs: list[str]) -> torch.Tensor:
         chosen = sorted(set(refs))
         slot = {r: i for i, r in enumerate(chosen)}
-        names = [self.skill(r)[0] for r in refs]
-        self.model.eval()
-        with mixed_batch(self.model, names):
-            pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
-        w, b, m = self._heads(chosen, pre)
+        with self.resident.holding(chosen) as held:
+            with self._planned(mixed_batch, [held[r][0] for r in refs]):
+                pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
+        w, b, m = self._heads([held[r][1] for r in chosen], pre)
         idx = torch.tensor([slot[r] for r in refs])
         return torch.bmm(w[idx], pre.unsqueeze(2)).squeeze(2) + b[idx] + m[idx]
 
@@ -184,23 +211,22 @@ class Router:
         for i, row in enumerate(refs):
             for j, r in enumerate(row):
                 mix[i, slot[r]] += weights[i, j]
-        self.model.eval()
-        with composed(self.model, [self.skill(r)[0] for r in chosen], mix):
-            pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
-        w, b, m = self._heads(chosen, pre)
+        with self.resident.holding(chosen) as held:
+            with self._planned(composed, [held[r][0] for r in chosen], mix):
+                pre = features(self.model, x, head=self.head, batch_size=len(x), keep_device=True)
+        w, b, m = self._heads([held[r][1] for r in chosen], pre)
         mix = mix.to(pre.device, pre.dtype)
         allowed = torch.where(torch.isfinite(m), 1.0, 0.0)
         mask = torch.where((mix > 0).to(pre.dtype) @ allowed > 0, 0.0, float("-inf"))
         return torch.einsum("nk,kcd,nd->nc", mix, w, pre) + mix @ b + mask
 
     def _heads(
-        self, chosen: list[str], pre: torch.Tensor
+        self, skills: list[Skill], pre: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Stacked head weights, biases and class masks of ``chosen``, like ``pre``."""
+        """Stacked head weights, biases and class masks of ``skills``, like ``pre``."""
         head = self.model.get_submodule(self.head)
         weights, biases, masks = [], [], []
-        for r in chosen:
-            skill = self.skill(r)[1]
+        for skill in skills:
             weights.append(skill.head.get(f"{self.head}.weight", head.weight.detach().cpu()))
             biases.append(skill.head.get(f"{self.head}.bias", head.bias.detach().cpu()))
             mask = torch.zeros(weights[-1].shape[0])

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .adapters.calls import own_hooks
 from .embed import pre_logits
 from .errors import InvalidEmbedding, SkillbankError
 
@@ -84,24 +85,24 @@ def route_features(
     device = next(model.parameters()).device
     mods = {n: model.get_submodule(n) for n in layers if n != INPUT}
     caught: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, o, n=n: caught.__setitem__(n, o))
-        for n, m in mods.items()
-    ]
+    names = list(mods)
     pooled, desc = [], []
     try:
-        for chunk in x.split(batch_size):
-            chunk = chunk.to(device, non_blocking=True)
-            caught.clear()
-            pooled.append(pre_logits(model, chunk, head).float().flatten(1))
-            if layers:
-                desc.append(
-                    torch.cat([_descriptor(chunk if n == INPUT else caught[n]) for n in layers], 1)
-                )
+        # hooks of this call only: another thread's pass through these modules is not caught
+        with own_hooks(list(mods.values()), lambda j, _i, o: caught.__setitem__(names[j], o)):
+            for chunk in x.split(batch_size):
+                chunk = chunk.to(device, non_blocking=True)
+                caught.clear()
+                pooled.append(pre_logits(model, chunk, head).float().flatten(1))
+                if layers:
+                    desc.append(
+                        torch.cat(
+                            [_descriptor(chunk if n == INPUT else caught[n]) for n in layers], 1
+                        )
+                    )
     finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+        if was_training:  # else eval() left it in eval mode: no second walk of the modules
+            model.train()
     f = F.normalize(torch.cat(pooled), dim=1).cpu()
     return f, (torch.cat(desc).cpu() if desc else None)
 

@@ -22,6 +22,7 @@ from ..errors import (
     NoTargetMatched,
     UnsupportedModule,
 )
+from .calls import LayerCall, calling
 from .config import LoRAConfig
 from .kinds import LinearAdapter, MultiheadAttentionAdapter, kind_for
 from .layer import AdapterLayer
@@ -252,14 +253,11 @@ def disabled(model: nn.Module) -> Iterator[None]:
         model: the adapted model.
     """
     layers = adapter_layers(model)
-    saved = [layer.active for layer in layers]
-    for layer in layers:
-        layer.set_active([])
-    try:
+    if any(layer.merged is not None for layer in layers):
+        raise MergedError("the model is merged; call sb.unmerge(model) before sb.disabled")
+    # a per-call plan, not a change of the shared active sets: other threads keep theirs
+    with calling(dict.fromkeys(layers, LayerCall(off=True))):
         yield
-    finally:
-        for layer, active in zip(layers, saved, strict=True):
-            layer.set_active(list(active))
 
 
 def remove_adapter(model: nn.Module, name: str) -> None:
@@ -288,8 +286,8 @@ def merge(model: nn.Module) -> None:
         model: the adapted model.
     """
     layers = adapter_layers(model)
-    if any(layer.rows is not None for layer in layers):
-        raise MergedError("cannot merge inside mixed_batch")
+    if any(layer.call is not None for layer in layers):
+        raise MergedError("cannot merge inside mixed_batch, composed or disabled")
     for layer in layers:
         layer.merge()
 

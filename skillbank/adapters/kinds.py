@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..errors import ConfigError, UnsupportedModule
+from ..errors import UnsupportedModule
+from .calls import MixPlan, RowPlan, current
 from .functional import lora_linear
 from .layer import AdapterLayer, Factors
 
@@ -52,6 +53,7 @@ class _LinearMap(AdapterLayer):
     """Shared by kinds whose adapted op is a matrix product on the last dim."""
 
     linear_input = True
+    stack_transposed = True
 
     def project(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, add
@@ -86,26 +88,22 @@ class _LinearMap(AdapterLayer):
             o2.addmm_(h.to(o2.dtype), b.t().to(o2.dtype))
         return out
 
-    def mixed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def mixed_add(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
         # BGMV: gather each row's (A, B) from the stacks, then two batched matmuls.
-        a_t, b_t = self.stacks(transposed=True)  # (K+1, in, r), (K+1, r, out): no copies in bmm
+        self._check_rows("mixed_batch was given", plan.local.shape[0], x)
+        a_t, b_t, rows = self.row_stacks(plan)  # (K+1, in, r), (K+1, r, out): no copies in bmm
         n = x.shape[0]
-        if n != self.rows.shape[0]:
-            raise ConfigError(
-                f"mixed_batch was given {self.rows.shape[0]} rows but '{self.path}' sees a "
-                f"batch of {n} on dim 0 (inputs must be batch-first)"
-            )
         x3 = x.reshape(n, -1, x.shape[-1]).to(a_t.dtype)
-        h = torch.bmm(x3, a_t[self.rows])
+        h = torch.bmm(x3, a_t.index_select(0, rows))
         o3 = out.view(n, -1, out.shape[-1])
-        o3.baddbmm_(h.to(o3.dtype), b_t[self.rows].to(o3.dtype))
+        o3.baddbmm_(h.to(o3.dtype), b_t.index_select(0, rows).to(o3.dtype))
         return out
 
-    def mix_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        a, b, unit = self.concatenated()
+    def mix_add(self, x: torch.Tensor, out: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        a, b, unit = self.concatenated(plan.names)
         n = x.shape[0]
         h = x.reshape(n, -1, x.shape[-1]).to(a.dtype) @ a.t()  # (n, tokens, R)
-        h = h * self.mix[:, unit].unsqueeze(1).to(h.dtype)
+        h = h * plan.weights[:, unit].unsqueeze(1).to(h.dtype)
         out.view(n, -1, out.shape[-1]).add_((h @ b.t()).to(out.dtype))
         return out
 
@@ -175,20 +173,21 @@ class Conv2dAdapter(AdapterLayer):
             out.add_(F.conv2d(h, b).to(out.dtype))  # in place, as for linear maps
         return out
 
-    def mixed_add(self, x, out):
+    def mixed_add(self, x, out, plan):
         # One grouped conv over the whole batch: row i is group i with its own kernels.
-        a_stack, b_stack = self.stacks()
+        self._check_rows("mixed_batch was given", plan.local.shape[0], x)
+        a_stack, b_stack, rows = self.row_stacks(plan)
         n, c, hgt, wid = x.shape
         r = a_stack.shape[1]
-        a = a_stack[self.rows].reshape(n * r, c, *self.base.kernel_size)
+        a = a_stack[rows].reshape(n * r, c, *self.base.kernel_size)
         h = self._down(x.reshape(1, n * c, hgt, wid).to(a.dtype), a, groups=n)
-        b = b_stack[self.rows].reshape(n * out.shape[1], r, 1, 1)
+        b = b_stack[rows].reshape(n * out.shape[1], r, 1, 1)
         return out.add_(F.conv2d(h, b, groups=n).view(out.shape).to(out.dtype))
 
-    def mix_add(self, x, out):
-        a, b, unit = self.concatenated()
+    def mix_add(self, x, out, plan):
+        a, b, unit = self.concatenated(plan.names)
         h = self._down(x.to(a.dtype), a.view(len(unit), -1, *self.base.kernel_size))
-        h = h * self.mix[:, unit, None, None].to(h.dtype)
+        h = h * plan.weights[:, unit, None, None].to(h.dtype)
         return out.add_(F.conv2d(h, b[:, :, None, None]).to(out.dtype))
 
 
@@ -245,7 +244,14 @@ class MultiheadAttentionAdapter(_LinearMap):
         average_attn_weights=True,
         is_causal=False,
     ):
-        if self.rows is None and self.mix is None and (not self.active or self.merged is not None):
+        call = current(self)
+        if call is None:
+            native = not self.active or self.merged is not None
+        else:  # off, or none of a mixed batch's adapters here (merged: the wrapper raises)
+            native = self.merged is None and (
+                call.off or (call.mix is None and not call.rows.names)
+            )
+        if native:
             return self.base(
                 query,
                 key,

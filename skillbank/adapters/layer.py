@@ -11,6 +11,7 @@ low-rank term to that op's output.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 import torch.nn.utils.parametrize as P
 
 from ..errors import AdapterNotFound, ConfigError, MergedError
+from .calls import LayerCall, MixPlan, RowPlan, current
+from .stacks import StackPool
 
 FactorMap = dict[str, tuple[torch.Tensor, torch.Tensor]]
 """Site suffix -> (A: r x fan_in, B: fan_out x r): the form skills store."""
@@ -123,6 +126,9 @@ class AdapterLayer(nn.Module):
     # True when the adapted op is ``x W^T`` on the input's last dim (A reads x[..., :fan_in]
     # as it is); False for ops like convolutions that unfold their input first.
     linear_input: ClassVar[bool] = False
+    # Layout of the mixed-batch stacks: (K+1, in, r) and (K+1, r, out) when True (what a
+    # batched x @ A^T reads without copies), else (K+1, r, in) and (K+1, out, r).
+    stack_transposed: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, path: str) -> None:
         super().__init__()
@@ -136,14 +142,11 @@ class AdapterLayer(nn.Module):
         self.active: tuple[tuple[str, float], ...] = ()
         self.merged: tuple[tuple[str, float], ...] | None = None
         self.register_buffer("_stash", None, persistent=False)
+        # Caches are replaced whole, never mutated, so a thread reading one sees it entire.
         self._eval_cache: tuple[Any, torch.Tensor] | None = None
-        self._stack_cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
-        self.rows: torch.Tensor | None = None  # mixed batch: stack slot per row
-        self.row_names: tuple[str, ...] = ()
-        self.mix: torch.Tensor | None = None  # composition: (rows, K) weights over mix_names
-        self.mix_names: tuple[str, ...] = ()
         self._cat_cache: tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._reads: tuple[Any, list[torch.Tensor]] | None = None  # see _active_reads
+        self._pool = StackPool()  # mixed-batch stacks shared by calls (see stacks.py)
 
     # ------------------------------------------------------------ kind hooks
     @classmethod
@@ -207,13 +210,32 @@ class AdapterLayer(nn.Module):
         """``out + sum_i w_i s_i B_i A_i drop(x)`` over the active adapters."""
         raise NotImplementedError
 
-    def mixed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Per-row adapters from stacked factors (``self.rows`` indexes the stacks)."""
+    def mixed_add(self, x: torch.Tensor, out: torch.Tensor, plan: RowPlan) -> torch.Tensor:
+        """Per-row adapters from stacked factors (``row_stacks(plan)``)."""
         raise NotImplementedError
 
-    def mix_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``out + sum_k mix[row, k] s_k B_k A_k x`` from the concatenated factors of ``mix_names``."""
+    def mix_add(self, x: torch.Tensor, out: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """``out + sum_k w[row, k] s_k B_k A_k x`` from the concatenated factors of ``plan.names``."""
         raise NotImplementedError
+
+    # ------------------------------------------------------- per-call state
+    @property
+    def call(self) -> LayerCall | None:
+        """What the calling context's ``mixed_batch`` / ``composed`` / ``disabled`` asks of
+        this layer (None outside them); never stored on the layer."""
+        return current(self)
+
+    @property
+    def rows(self) -> RowPlan | None:
+        """This context's mixed-batch plan for the layer, or None."""
+        call = current(self)
+        return None if call is None else call.rows
+
+    @property
+    def mix(self) -> MixPlan | None:
+        """This context's composition plan for the layer, or None."""
+        call = current(self)
+        return None if call is None else call.mix
 
     # ------------------------------------------------------- adapter state
     def add(self, name: str, rank: int, scale: float, dropout: float, init: str) -> None:
@@ -252,6 +274,7 @@ class AdapterLayer(nn.Module):
         for attr in self.adapter_meta_names:
             getattr(self, attr).pop(name, None)
         self._drop_caches()
+        self._pool.forget(name)
         self.set_active([(n, w) for n, w in self.active if n != name])
 
     def names(self) -> list[str]:
@@ -422,13 +445,17 @@ class AdapterLayer(nn.Module):
     def _state_key(self, names) -> tuple:
         """Scales and tensor versions of all the forward reads for ``names`` (trained
         factors, rank gates): a cache keyed on it is rebuilt after any change to them."""
-        tensors = []
-        for n in names:
-            tensors += self.factor_parameters(n)
-            for g in self.rank_gates(n):
-                tensors += [*g.parameters(), *g.buffers()]
+        if not P.is_parametrized(self.lora_B):  # no rank gate on the layer: A and B alone
+            tensors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        else:
+            tensors = []
+            for n in names:
+                tensors += self.factor_parameters(n)
+                for g in self.rank_gates(n):
+                    tensors += [*g.parameters(), *g.buffers()]
         scales = tuple(self.scaling[n] for n in names)
-        return scales, tuple((t._version, t.data_ptr()) for t in tensors)
+        # inference tensors (made under torch.inference_mode) cannot change: no version
+        return scales, tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
     def _active_reads(self) -> list[torch.Tensor]:
         """The tensors the active set's forward reads, looked up once per active set: the
@@ -444,7 +471,7 @@ class AdapterLayer(nn.Module):
         return self._reads[1]
 
     def _drop_caches(self) -> None:
-        self._eval_cache = self._stack_cache = self._cat_cache = self._reads = None
+        self._eval_cache = self._cat_cache = self._reads = None
 
     def set_active(self, pairs: list[tuple[str, float]]) -> None:
         """The active set of this layer; names it does not carry are skipped.
@@ -503,10 +530,11 @@ class AdapterLayer(nn.Module):
             tuple(self.scaling[n] for n, _ in self.active),
             tuple((t._version, t.data_ptr()) for t in self._active_reads()),
         )
-        if self._eval_cache is None or self._eval_cache[0] != key:
+        cache = self._eval_cache
+        if cache is None or cache[0] != key:
             with torch.no_grad():
-                self._eval_cache = (key, w + self.delta_weight(self.active))
-        return self._eval_cache[1]
+                cache = self._eval_cache = (key, w + self.delta_weight(self.active))
+        return cache[1]
 
     def train(self, mode: bool = True):
         if mode:
@@ -515,14 +543,29 @@ class AdapterLayer(nn.Module):
 
     # ------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
-        if self.mix is not None:
+        call = current(self)
+        if call is not None:
             if self.merged is not None:
-                raise MergedError("composed needs unmerged adapters; call sb.unmerge(model)")
-            return self.run(self.base_weight(), self.composed_add, *args, **kwargs)
-        if self.rows is not None:
-            if self.merged is not None:
-                raise MergedError("mixed_batch needs unmerged adapters; call sb.unmerge(model)")
-            return self.run(self.base_weight(), self.mixed_add, *args, **kwargs)
+                raise MergedError(
+                    "mixed_batch, composed and disabled need unmerged adapters; call "
+                    "sb.unmerge(model)"
+                )
+            if call.off:
+                return self.run(self.base_weight(), None, *args, **kwargs)
+            if call.mix is not None:
+                plan = call.mix
+                return self.run(
+                    self.base_weight(),
+                    lambda x, out: self.composed_add(x, out, plan),
+                    *args,
+                    **kwargs,
+                )
+            plan = call.rows
+            if not plan.names:  # none of the call's adapters is on this layer
+                return self.run(self.base_weight(), None, *args, **kwargs)
+            return self.run(
+                self.base_weight(), lambda x, out: self.mixed_add(x, out, plan), *args, **kwargs
+            )
         if not self.active or self.merged is not None:
             return self.run(self.base_weight(), None, *args, **kwargs)
         if not self.training and not self._needs_grad():
@@ -530,36 +573,44 @@ class AdapterLayer(nn.Module):
         return self.run(self.base_weight(), self.lowrank_add, *args, **kwargs)
 
     def _needs_grad(self) -> bool:
+        return self._needs_grad_for([n for n, _ in self.active])
+
+    def _needs_grad_for(self, names: Sequence[str]) -> bool:
         return torch.is_grad_enabled() and any(
-            p.requires_grad for n, _ in self.active for p in self.adapter_parameters(n)
+            p.requires_grad for n in names for p in self.adapter_parameters(n)
         )
 
-    def composed_add(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The active adapters as usual, plus the per-row composition of ``mix_names``."""
+    def composed_add(self, x: torch.Tensor, out: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+        """The active adapters as usual, plus the per-row composition of ``plan.names``."""
         if self.active:
             out = self.lowrank_add(x, out)
-        if self.mix.shape[0] != x.shape[0]:
-            raise ConfigError(
-                f"composed was given weights for {self.mix.shape[0]} rows but '{self.path}' sees a "
-                f"batch of {x.shape[0]} on dim 0 (inputs must be batch-first)"
-            )
-        return self.mix_add(x, out)
+        self._check_rows("composed was given weights for", plan.weights.shape[0], x)
+        return self.mix_add(x, out, plan)
 
-    def concatenated(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Factors of ``mix_names`` side by side, scale folded into B: A (R, fan_in),
+    def _check_rows(self, what: str, rows: int, x: torch.Tensor) -> None:
+        if rows != x.shape[0]:
+            raise ConfigError(
+                f"{what} {rows} rows but '{self.path}' sees a batch of {x.shape[0]} on dim 0 "
+                "(inputs must be batch-first)"
+            )
+
+    def concatenated(
+        self, names: tuple[str, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Factors of ``names`` side by side, scale folded into B: A (R, fan_in),
         B (fan_out, R) with R the sum of ranks, and the skill index of each rank unit.
 
         A per-row mixture sum_k w_k B_k A_k x is then ``B ((A x) * w[unit])``: two
         products of rank R, no per-row matrices. Cached while no factor changes.
         """
-        names = self.mix_names
         params = [p for n in names for p in self.adapter_parameters(n)]
         key = (names, self._state_key(names))
-        if self._cat_cache is not None and self._cat_cache[0] == key:
-            return self._cat_cache[1:]
-        pairs = [self.factors_2d(n) for n in names]
+        cache = self._cat_cache
+        if cache is not None and cache[0] == key:
+            return cache[1:]
+        pairs = [self.slot_factors(n) for n in names]
         a = torch.cat([a for a, _ in pairs])
-        b = torch.cat([b * self.scaling[n] for n, (_, b) in zip(names, pairs, strict=True)], dim=1)
+        b = torch.cat([b for _, b in pairs], dim=1)
         unit = torch.cat(
             [
                 torch.full((a_.shape[0],), k, dtype=torch.long, device=a.device)
@@ -570,21 +621,51 @@ class AdapterLayer(nn.Module):
             self._cat_cache = (key, a, b, unit)
         return a, b, unit
 
-    def stacks(self, transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors of ``row_names`` stacked, slot 0 all zeros, scale folded into B:
+    def slot_factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A: r x fan_in, s * B: fan_out x r): one adapter as a mixed-batch slot holds it."""
+        a, b = self.factors_2d(name)
+        return a, b * self.scaling[name]
+
+    def plan_rows(
+        self, names: tuple[str, ...], rows: Sequence[str | None], pooled: bool
+    ) -> RowPlan:
+        """This layer's share of a mixed batch over ``rows``; with ``pooled`` its adapters
+        hold slots of the shared stacks until ``end_rows``."""
+        device = self.base_weight().device
+        local = {n: i for i, n in enumerate(names, start=1)}
+        idx = torch.tensor([local.get(r, 0) for r in rows], dtype=torch.long, device=device)
+        if not (pooled and names):
+            return RowPlan(names, idx, None)
+        held = tuple(self._pool.acquire(self, names))
+        slot = dict(zip(names, held, strict=True))
+        slots = torch.tensor([slot.get(r, 0) for r in rows], dtype=torch.long, device=device)
+        return RowPlan(names, idx, slots, held)
+
+    def end_rows(self, plan: RowPlan) -> None:
+        """Release the slots ``plan_rows`` acquired."""
+        self._pool.release(plan.held)
+
+    def row_stacks(self, plan: RowPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A stack, B stack, per-row index into them) for a mixed batch: the shared pool
+        when it holds the plan's adapters as they are and no gradient is wanted, else
+        stacks built for this call (differentiable)."""
+        if plan.slots is not None and not self._needs_grad_for(plan.names):
+            pooled = self._pool.current(self, plan.names, plan.held)
+            if pooled is not None:
+                return pooled[0], pooled[1], plan.slots
+        return (*self.stacks(plan.names, self.stack_transposed), plan.local)
+
+    def stacks(
+        self, names: tuple[str, ...], transposed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of ``names`` stacked, slot 0 all zeros, scale folded into B:
         A (K+1, r, fan_in) and B (K+1, fan_out, r), or both transposed (contiguous).
 
         Ranks are zero-padded to the largest, so one gather serves every row.
-        Cached while no factor changes and gradients are off.
+        Built per call (differentiable); mixed batches without gradients read the
+        layer's ``StackPool`` instead.
         """
-        names = self.row_names
-        key = (names, transposed, self._state_key(names))
-        if self._stack_cache is not None and self._stack_cache[0] == key:
-            return self._stack_cache[1], self._stack_cache[2]
-        pairs = [
-            (a, b * self.scaling[n])
-            for n, (a, b) in zip(names, map(self.factors_2d, names), strict=True)
-        ]
+        pairs = [self.slot_factors(n) for n in names]
         a0, b0 = self.factors_2d(self.names()[0])
         r = max([a.shape[0] for a, _ in pairs], default=1)
         a_stack = torch.stack(
@@ -598,8 +679,6 @@ class AdapterLayer(nn.Module):
                 a_stack.transpose(1, 2).contiguous(),
                 b_stack.transpose(1, 2).contiguous(),
             )
-        if not torch.is_grad_enabled():
-            self._stack_cache = (key, a_stack, b_stack)
         return a_stack, b_stack
 
     def __getattr__(self, name: str):
