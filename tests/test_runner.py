@@ -70,7 +70,7 @@ def test_bench_fills_matrices_bank_results_and_plots(stream, backbone, tmp_path)
         assert lora.metrics["acc"]["mean"] > 0.5
     doc = json.loads((out / "results.json").read_text())
     assert set(doc["learners"]) == {"lora", "finetune", "frozen"} and doc["device"] == "cpu"
-    assert (doc["router"], doc["rerank"]) == ("mahalanobis", 0)  # split class-IL's default
+    assert (doc["router"], doc["rerank"]) == ("fused", 0)  # class-IL default
     assert len(doc["learners"]["lora"]["R"]) == 2 and doc["versions"]["torch"]
     assert doc["learners"]["lora"]["metrics"]["acc"]["std"] is not None
     for png in ("accuracy_matrix.png", "accuracy_over_time.png", "forgetting.png", "summary.png"):
