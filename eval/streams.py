@@ -6,7 +6,8 @@ Scenarios (van de Ven & Tolias 2019, plus continual test-time adaptation):
 - ``"task"``: the same groups and labels, but the task id (its ``classes``) is
   known at test time, so an evaluator masks logits to the task's classes.
 - ``"domain"``: every task has all classes, under a different input transform
-  (pixel permutation, rotation).
+  (pixel permutation, rotation). (``digit_domains`` changes the domain *and*
+  brings new classes, so it is class-IL.)
 - ``"tta"``: one domain per image corruption, for test-time adaptation.
 
 Images are float32 N x C x H x W in [0, 1], unnormalised (see `eval.data`).
@@ -38,11 +39,13 @@ from eval.errors import InvalidStream
 SCENARIOS = ("class", "task", "domain", "tta")
 
 __all__ = [
+    "DIGIT_DOMAINS",
     "SCENARIOS",
     "ImageData",
     "Stream",
     "Task",
     "corrupted",
+    "digit_domains",
     "digits",
     "from_datasets",
     "from_tasks",
@@ -343,7 +346,7 @@ def digit_domains(data: ImageData, domains: Sequence[str] = DIGIT_DOMAINS, seed:
             parts = (see(data.x_train[train[k]], seed), data.y_train[train[k]])
             parts += (see(data.x_test[test[k]], seed + 1), data.y_test[test[k]])
         x_tr, y_tr, x_te, y_te = parts
-        classes = tuple(width * t + int(k) for k in data.classes)
+        classes = tuple(width * t + int(digit) for digit in data.classes)
         tasks.append(
             Task(
                 domain,

@@ -292,7 +292,7 @@ def make_router(
 
 
 # The runner's default per scenario, chosen from the measurements in the README.
-DEFAULT_ROUTERS = {"class": "fused", "task": "fused", "domain": "stats"}
+DEFAULT_ROUTERS = {"class": "fused", "task": "fused", "domain": "fused"}
 
 
 def default_router(scenario: str) -> str:
