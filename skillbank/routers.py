@@ -112,13 +112,14 @@ class BaseRouter:
     def rank(self, pooled: torch.Tensor, desc: torch.Tensor | None, k: int) -> Ranked:
         raise NotImplementedError
 
-    def _scored(self, refs: list[list[str]], by_skill: np.ndarray, k: int) -> Ranked:
-        """Each row's candidates ranked by ``by_skill`` (rows x ``_unique(refs)``)."""
+    @staticmethod
+    def _per_row(refs: list[list[str]], by_skill: np.ndarray) -> np.ndarray:
+        """(rows x candidates) from (rows x ``_unique(refs)``); -inf past a row's candidates."""
         col = {r: j for j, r in enumerate(_unique(refs))}
         scores = np.full((len(refs), max(len(r) for r in refs)), -np.inf)
         for i, row in enumerate(refs):
-            scores[i, : len(row)] = [by_skill[i, col[r]] for r in row]
-        return self._topk(refs, scores, k)
+            scores[i, : len(row)] = by_skill[i, [col[r] for r in row]]
+        return scores
 
     @staticmethod
     def _topk(refs: list[list[str]], scores: np.ndarray, k: int) -> Ranked:
@@ -190,7 +191,7 @@ class MahalanobisRouter(BaseRouter):
         refs, _ = self._retrieve(pooled, max(k, self.candidates))
         if self._precision is None:
             return refs, [[] for _ in refs]
-        return self._scored(refs, -self.distances(pooled, _unique(refs)), k)
+        return self._topk(refs, self._per_row(refs, -self.distances(pooled, _unique(refs))), k)
 
 
 class StatsRouter(BaseRouter):
@@ -209,17 +210,29 @@ class StatsRouter(BaseRouter):
             mean, var = st.layer_moments()
             self._moments[ref] = (mean, (1 - self.shrink) * var + self.shrink * var.mean() + 1e-8)
 
-    def log_likelihoods(self, desc: torch.Tensor, skills: list[str]) -> np.ndarray:
-        """(rows, skills): each skill's diagonal-Gaussian log-likelihood, averaged per dimension."""
+    def log_likelihoods(self, desc: torch.Tensor, refs: list[list[str]]) -> np.ndarray:
+        """(rows x candidates): each row's candidates' diagonal-Gaussian log-likelihood,
+        averaged per dimension; only the (row, candidate) pairs are computed, so the
+        cost follows the candidates, not the bank."""
         x = desc.double().numpy()
-        out = np.empty((len(x), len(skills)))
-        for j, r in enumerate(skills):
-            mean, var = self._moments[r]
-            if mean.shape[0] != x.shape[1]:
+        skills = _unique(refs)
+        for r in skills:
+            if self._moments[r][0].shape[0] != x.shape[1]:
                 raise InvalidEmbedding(
-                    f"layer features are {x.shape[1]}-d, {r}'s statistics {mean.shape[0]}-d"
+                    f"layer features are {x.shape[1]}-d, {r}'s statistics "
+                    f"{self._moments[r][0].shape[0]}-d"
                 )
-            out[:, j] = -0.5 * (((x - mean) ** 2 / var) + np.log(var)).mean(1)
+        col = {r: j for j, r in enumerate(skills)}
+        width = max(len(r) for r in refs)
+        idx = np.zeros((len(refs), width), dtype=np.int64)
+        valid = np.zeros((len(refs), width), dtype=bool)
+        for i, row in enumerate(refs):
+            idx[i, : len(row)] = [col[r] for r in row]
+            valid[i, : len(row)] = True
+        mean = np.stack([self._moments[r][0] for r in skills])[idx]  # rows x width x d
+        var = np.stack([self._moments[r][1] for r in skills])
+        out = -0.5 * (((x[:, None, :] - mean) ** 2 / var[idx]) + np.log(var)[idx]).mean(-1)
+        out[~valid] = -np.inf
         return out
 
     def rank(self, pooled, desc, k):
@@ -227,7 +240,7 @@ class StatsRouter(BaseRouter):
             raise ConfigError(f"the {self.name} router needs layer features (Router passes them)")
         self._fresh_stats()
         refs, _ = self._retrieve(desc, max(k, self.candidates))
-        return self._scored(refs, self.log_likelihoods(desc, _unique(refs)), k)
+        return self._topk(refs, self.log_likelihoods(desc, refs), k)
 
 
 class FusedRouter(StatsRouter, MahalanobisRouter):
@@ -253,10 +266,10 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
         by_class, _ = self._retrieve(pooled, max(k, self.candidates))
         by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
         refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
-        skills = _unique(refs)
-        d = pooled.shape[1]
-        scores = -self.distances(pooled, skills) / (2 * d) + self.log_likelihoods(desc, skills)
-        return self._scored(refs, scores, k)
+        by_class = self._per_row(
+            refs, -self.distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
+        )
+        return self._topk(refs, by_class + self.log_likelihoods(desc, refs), k)
 
 
 ROUTERS: dict[str, type[BaseRouter]] = {
