@@ -115,11 +115,14 @@ class BaseRouter:
     @staticmethod
     def _per_row(refs: list[list[str]], by_skill: np.ndarray) -> np.ndarray:
         """(rows x candidates) from (rows x ``_unique(refs)``); -inf past a row's candidates."""
-        col = {r: j for j, r in enumerate(_unique(refs))}
-        scores = np.full((len(refs), max(len(r) for r in refs)), -np.inf)
-        for i, row in enumerate(refs):
-            scores[i, : len(row)] = by_skill[i, [col[r] for r in row]]
-        return scores
+        _, idx, valid = _columns(refs)
+        return np.where(valid, np.take_along_axis(by_skill, idx, axis=1), -np.inf)
+
+    @staticmethod
+    def _layer_features(desc: torch.Tensor | None, name: str) -> np.ndarray:
+        if desc is None:
+            raise ConfigError(f"the {name} router needs layer features (Router passes them)")
+        return desc.double().numpy()
 
     @staticmethod
     def _topk(refs: list[list[str]], scores: np.ndarray, k: int) -> Ranked:
@@ -136,6 +139,20 @@ class BaseRouter:
 def _unique(refs: list[list[str]]) -> list[str]:
     """Every skill named in any row, in a fixed order."""
     return sorted({r for row in refs for r in row})
+
+
+def _columns(refs: list[list[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``_unique(refs)``, each row's candidates as column indices into it (rows x
+    the longest row, padded with 0) and which of those entries are real."""
+    skills = _unique(refs)
+    col = {r: j for j, r in enumerate(skills)}
+    width = max(len(r) for r in refs)
+    idx = np.zeros((len(refs), width), dtype=np.int64)
+    valid = np.zeros((len(refs), width), dtype=bool)
+    for i, row in enumerate(refs):
+        idx[i, : len(row)] = [col[r] for r in row]
+        valid[i, : len(row)] = True
+    return skills, idx, valid
 
 
 class ExamplesRouter(BaseRouter):
@@ -210,37 +227,27 @@ class StatsRouter(BaseRouter):
             mean, var = st.layer_moments()
             self._moments[ref] = (mean, (1 - self.shrink) * var + self.shrink * var.mean() + 1e-8)
 
-    def log_likelihoods(self, desc: torch.Tensor, refs: list[list[str]]) -> np.ndarray:
-        """(rows x candidates): each row's candidates' diagonal-Gaussian log-likelihood,
-        averaged per dimension; only the (row, candidate) pairs are computed, so the
-        cost follows the candidates, not the bank."""
-        x = desc.double().numpy()
-        skills = _unique(refs)
+    def log_likelihoods(self, x: np.ndarray, refs: list[list[str]]) -> np.ndarray:
+        """(rows x candidates): each row's candidates' diagonal-Gaussian log-likelihood
+        of the layer features ``x``, averaged per dimension; only the (row, candidate)
+        pairs are computed, so the cost follows the candidates, not the bank."""
+        skills, idx, valid = _columns(refs)
         for r in skills:
             if self._moments[r][0].shape[0] != x.shape[1]:
                 raise InvalidEmbedding(
                     f"layer features are {x.shape[1]}-d, {r}'s statistics "
                     f"{self._moments[r][0].shape[0]}-d"
                 )
-        col = {r: j for j, r in enumerate(skills)}
-        width = max(len(r) for r in refs)
-        idx = np.zeros((len(refs), width), dtype=np.int64)
-        valid = np.zeros((len(refs), width), dtype=bool)
-        for i, row in enumerate(refs):
-            idx[i, : len(row)] = [col[r] for r in row]
-            valid[i, : len(row)] = True
         mean = np.stack([self._moments[r][0] for r in skills])[idx]  # rows x width x d
         var = np.stack([self._moments[r][1] for r in skills])
         out = -0.5 * (((x[:, None, :] - mean) ** 2 / var[idx]) + np.log(var)[idx]).mean(-1)
-        out[~valid] = -np.inf
-        return out
+        return np.where(valid, out, -np.inf)
 
     def rank(self, pooled, desc, k):
-        if desc is None:
-            raise ConfigError(f"the {self.name} router needs layer features (Router passes them)")
+        x = self._layer_features(desc, self.name)
         self._fresh_stats()
         refs, _ = self._retrieve(desc, max(k, self.candidates))
-        return self._topk(refs, self.log_likelihoods(desc, refs), k)
+        return self._topk(refs, self.log_likelihoods(x, refs), k)
 
 
 class FusedRouter(StatsRouter, MahalanobisRouter):
@@ -260,16 +267,13 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
         StatsRouter.refresh(self)
 
     def rank(self, pooled, desc, k):
-        if desc is None:
-            raise ConfigError(f"the {self.name} router needs layer features (Router passes them)")
+        x = self._layer_features(desc, self.name)
         self._fresh_stats()
         by_class, _ = self._retrieve(pooled, max(k, self.candidates))
         by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
         refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
-        by_class = self._per_row(
-            refs, -self.distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
-        )
-        return self._topk(refs, by_class + self.log_likelihoods(desc, refs), k)
+        class_ll = -self.distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
+        return self._topk(refs, self._per_row(refs, class_ll) + self.log_likelihoods(x, refs), k)
 
 
 ROUTERS: dict[str, type[BaseRouter]] = {
