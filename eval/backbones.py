@@ -291,7 +291,7 @@ def _load_backbone_weights(model: nn.Module, path: Path) -> None:
         ) from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConfigError(f"weights file {str(path)!r} does not hold a state dict of tensors")
-    head = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "head")
+    head = _classifier(model)
     own = model.state_dict()
     body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
     missing = sorted(k for k in own if not k.startswith(f"{head}.") and k not in body)
@@ -338,7 +338,8 @@ def pretrain(
     task's. The backbone always trains with the source's own classes, so one
     cached file serves every stream over that source; a wider ``num_classes``
     (a stream with classes the source lacks) then gets zero rows appended to the
-    head: those classes start at logit 0 until a learner trains them. Returns the model in eval mode, on ``device``, with
+    head: those classes start at logit 0 until a learner trains them. Returns
+    the model in eval mode, on ``device``, with
     ``model.pretrain_info`` = {"cached", "path", "key", "test_acc", "train_seconds"}.
     """
     c, h, w = source_task.image_shape
@@ -437,9 +438,14 @@ def pretrain(
     return model
 
 
+def _classifier(model: nn.Module) -> str:
+    """The name of the model's classifier module (timm's ``pretrained_cfg``, else ``head``)."""
+    return (getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "head")
+
+
 def _widen_head(model: nn.Module, width: int) -> None:
     """Append zero rows to the linear classifier so it has ``width`` outputs."""
-    name = (getattr(model, "pretrained_cfg", {}) or {}).get("classifier", "head")
+    name = _classifier(model)
     old = model.get_submodule(name)
     if not isinstance(old, nn.Linear):
         raise ConfigError(f"cannot widen the {type(old).__name__} head {name!r} of the backbone")
