@@ -22,14 +22,18 @@ import torch.nn.functional as F
 import skillbank as sb
 from skillbank.route_stats import RouteStats
 
+from .base import class_mask
+
 STATS = "ca.stats:"  # Skill.extras key prefix for a task's class statistics
 
 
-def linear_head(model: nn.Module, path: str | None) -> nn.Linear:
+def linear_head(model: nn.Module, path: str | None, needs: str = "head slices need") -> nn.Linear:
+    """The model's classifier at ``path``; anything but an ``nn.Linear`` is a ConfigError
+    that starts with ``needs`` (who needs it)."""
     head = model.get_submodule(path) if path else None
     if not isinstance(head, nn.Linear):
         raise sb.ConfigError(
-            f"head slices need a linear head; the model's {path!r} is {type(head).__name__}"
+            f"{needs} a linear head; the model's {path!r} is {type(head).__name__}"
         )
     return head
 
@@ -90,10 +94,7 @@ def align(
     y = torch.cat([torch.full((samples,), c) for c, _, _ in parts])
     classes = sorted({c for c, _, _ in parts})
     device = head.weight.device
-    mask = torch.full((head.out_features,), float("-inf"), device=device)
-    mask[classes] = 0.0
-    rows = torch.zeros(head.out_features, dtype=torch.bool, device=device)
-    rows[classes] = True
+    mask = class_mask(classes, head.out_features, device)
     saved = snapshot(head)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     losses = []
@@ -107,7 +108,6 @@ def align(
                 loss.backward()
                 opt.step()
                 losses.append(loss.item())
-    restore_rows(
-        head, saved, classes
-    )  # momentum never moves a row without a gradient, but be exact
+    # momentum never moves a row without a gradient, but be exact
+    restore_rows(head, saved, classes)
     return losses

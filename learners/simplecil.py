@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import skillbank as sb
 from skillbank.embed import features
 
+from .heads import linear_head
 from .references import Reference, weights_skill
 
 UNSEEN = -1e4  # the bias of a class without a prototype: below any cosine logit
@@ -40,12 +41,7 @@ class SimpleCIL(Reference):
     sums: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict, init=False, repr=False)
 
     def head_module(self, model: nn.Module) -> nn.Linear:
-        head = model.get_submodule(self.head) if self.head else None
-        if not isinstance(head, nn.Linear):
-            raise sb.ConfigError(
-                f"simplecil replaces a linear head; the model's {self.head!r} is {type(head).__name__}"
-            )
-        return head
+        return linear_head(model, self.head, needs="simplecil replaces")
 
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:
         head = self.head_module(model)
