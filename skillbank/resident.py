@@ -75,11 +75,6 @@ class ResidentStats:
         return self.hits / total if total else 0.0
 
 
-def skill_numel(skill: Skill) -> int:
-    """Parameters of a skill's factors (what attaching it adds to the model)."""
-    return sum(a.numel() + b.numel() for a, b in skill.factors.values())
-
-
 def skill_bytes(skill: Skill) -> int:
     """Bytes of a skill's factors as attached (float32 unless the base is float64)."""
     return sum(a.nbytes + b.nbytes for a, b in skill.factors.values())
@@ -89,7 +84,7 @@ def default_max_resident(model: nn.Module, skill: Skill) -> int:
     """The cap when none is given: resident skills (factors plus their stack slot, so
     twice their size) within the base model's parameter count, in [8, 256]."""
     base = sum(p.numel() for p in model.parameters())
-    fit = base // max(1, 2 * skill_numel(skill))
+    fit = base // max(1, 2 * skill.factor_params)
     return int(min(MAX_DEFAULT, max(MIN_DEFAULT, fit)))
 
 

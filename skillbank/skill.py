@@ -80,9 +80,14 @@ class Skill:
         return sorted({site_module(s) for s in self.factors})
 
     @property
+    def factor_params(self) -> int:
+        """Parameters of the low-rank factors alone (what attaching adds to the adapted layers)."""
+        return sum(a.numel() + b.numel() for a, b in self.factors.values())
+
+    @property
     def num_params(self) -> int:
         return (
-            sum(a.numel() + b.numel() for a, b in self.factors.values())
+            self.factor_params
             + sum(t.numel() for t in self.head.values())
             + sum(t.numel() for t in self.extras.values())
         )
