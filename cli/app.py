@@ -40,7 +40,7 @@ def bench(
     ),
     stream: str = typer.Option(
         None,
-        help="domains-mnist (the main job) | split-mnist | rotated-mnist | permuted-mnist | permuted-mnist-disjoint | corrupted-mnist | split-digits",
+        help="domains-mnist (the main job) | split-mnist | rotated-mnist | permuted-mnist | permuted-mnist-disjoint | corrupted-mnist | corrupted-mnist-s3 | split-digits",
     ),
     tasks: int = typer.Option(None, help="Number of tasks (domains: the first N of 5)."),
     scenario: str = typer.Option(None, help="class | task (split streams)."),

@@ -1,7 +1,7 @@
 """Backbones for the evaluator: build one by name, pretrain it once on a source split, cache it.
 
-Names resolve in this order: our presets (`PRESETS`, small timm ViTs sized for
-28 x 28 inputs on a CPU), ``"open_clip:<model>"`` (an open_clip vision tower
+Names resolve in this order: our presets (`PRESETS`, small timm ViTs and a
+batch-norm ResNet sized for 28 x 28 inputs on a CPU), ``"open_clip:<model>"`` (an open_clip vision tower
 built with random weights plus a linear head), then any timm model name.
 Nothing here downloads unless asked: `create_backbone` and `pretrain` build timm
 and open_clip models with random weights (or a local file); `from_weights` fetches
@@ -29,20 +29,53 @@ from skillbank.embed import features  # noqa: F401  (re-exported: pooled pre-log
 from skillbank.errors import ConfigError
 from skillbank.files import atomic_path
 
-PRESETS: dict[str, dict[str, Any]] = {
+# name -> (architecture, constructor kwargs). Sized for 28 x 28 inputs on a CPU.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # ~0.14 M parameters. Mean-pooled tokens (no class token) and, by default, a
     # 4 x 4 token grid (patch 7 on 28 x 28): on a small MNIST source split it
     # learns much faster than a finer grid (patch 4).
-    "vit_micro": dict(
-        embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg", class_token=False
+    "vit_micro": (
+        "vit",
+        dict(
+            embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg", class_token=False
+        ),
     ),
     # For tests and smoke runs.
-    "vit_nano": dict(
-        embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_pool="avg", class_token=False
+    "vit_nano": (
+        "vit",
+        dict(
+            embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, global_pool="avg", class_token=False
+        ),
     ),
     # Larger, for a GPU.
-    "vit_mini": dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0),
+    "vit_mini": ("vit", dict(embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0)),
+    # ~0.32 M parameters: a timm ResNet with batch norms (one basic block per stage,
+    # widths 16-128), where BN-adapt and Tent have running statistics to work on.
+    "resnet_micro": (
+        "resnet",
+        dict(layers=(1, 1, 1, 1), channels=(16, 32, 64, 128), stem_width=16),
+    ),
 }
+
+
+def _preset(name: str, in_chans: int, img_size: Any, num_classes: int, patch_size: int, **kw: Any):
+    arch, preset = PRESETS[name]
+    if arch == "vit":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            **{**preset, **kw},
+        )
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, in_chans=in_chans, num_classes=num_classes, **{**preset, **kw})
+    model.pretrained_cfg = {"classifier": "fc"}  # built from the class, not timm's registry
+    return model
+
 
 CACHE_ENV = "SKILLBANK_CACHE"
 DEFAULT_CACHE = "~/.cache/skillbank"
@@ -129,15 +162,7 @@ def create_backbone(
         side = img_size if isinstance(img_size, int) else min(img_size)
         patch_size = max(1, side // 4) if name in PRESETS else 4
     if name in PRESETS:
-        from timm.models.vision_transformer import VisionTransformer
-
-        model: nn.Module = VisionTransformer(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            **{**PRESETS[name], **kw},
-        )
+        model: nn.Module = _preset(name, in_chans, img_size, num_classes, patch_size, **kw)
     elif name.startswith("open_clip:"):
         model = _open_clip(name.split(":", 1)[1], in_chans, img_size, num_classes, patch_size, **kw)
     else:

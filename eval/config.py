@@ -23,6 +23,7 @@ STREAMS = {
     "rotated-mnist": lambda d, c: streams.rotated(d, c.tasks, seed=c.data_seed),
     "permuted-mnist": lambda d, c: streams.permuted(d, c.tasks, seed=c.data_seed),
     "corrupted-mnist": lambda d, c: streams.corrupted(d, severity=5, seed=c.data_seed),
+    "corrupted-mnist-s3": lambda d, c: streams.corrupted(d, severity=3, seed=c.data_seed),
     "split-digits": lambda d, c: streams.split(d, c.tasks, scenario=c.scenario, seed=c.data_seed),
 }
 

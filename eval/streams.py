@@ -451,7 +451,8 @@ def corrupted(
                 {"scenario": "tta", "corruption": n, "severity": severity},
             )
         )
-    return Stream(tuple(tasks), "tta", _n_classes(data), data.source, f"corrupted-{data.name}")
+    name = f"corrupted-{data.name}" + ("" if severity == 5 else f"-s{severity}")
+    return Stream(tuple(tasks), "tta", _n_classes(data), data.source, name)
 
 
 def _check_n_tasks(n_tasks: int) -> None:

@@ -42,6 +42,15 @@ def _is_bn(m: nn.Module) -> bool:
     return isinstance(m, nn.modules.batchnorm._BatchNorm)
 
 
+def use_batch_statistics(model: nn.Module) -> None:
+    """Every batch norm normalises with the batch it sees and keeps no running statistics."""
+    for m in model.modules():
+        if _is_bn(m):
+            m.train()
+            m.track_running_stats = False
+            m.running_mean = m.running_var = None
+
+
 def norm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, NORMS)]
 
@@ -77,6 +86,9 @@ class TTAMethod:
 
     seed: int = 0
     device: str = "auto"
+    # The reset guard ``run_stream`` puts around the method: True for the defaults,
+    # False for none, or ResetGuard options ({"every": 100, "max_drop": 0.2, ...}).
+    reset: bool | dict[str, Any] = True
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     model: nn.Module | None = field(default=None, init=False, repr=False)
 
@@ -89,6 +101,7 @@ class TTAMethod:
         self.model.requires_grad_(False)
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_batch(x)
         with torch.no_grad():
             return self.model(x)
 
@@ -101,33 +114,184 @@ class TTAMethod:
         if self.model is None:
             raise sb.ConfigError(f"{self.name}: call setup(model) before adapting")
 
+    def check_batch(self, x: torch.Tensor) -> None:
+        """Refuse a batch before anything sees it: batch statistics and entropies need
+        two images or more, and a NaN or Inf image would poison every statistic."""
+        self._require_setup()
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+            raise sb.ConfigError(f"{self.name}: a test batch is a floating-point tensor (N x ...)")
+        if len(x) < 2:
+            raise sb.ConfigError(
+                f"{self.name}: a test batch of {len(x)} image(s); adaptation needs at least 2 "
+                "(online() joins a single leftover image to the batch before it)"
+            )
+        if not torch.isfinite(x).all():
+            raise sb.ConfigError(
+                f"{self.name}: the test batch holds NaN or Inf values; nothing was adapted"
+            )
+
+    def modules(self) -> dict[str, nn.Module]:
+        """The modules whose state is the method's adapted state (ViDA adds its teacher)."""
+        return {"model": self.model}
+
+    def state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """A copy of the adapted state, to come back to with ``load_state``."""
+        self._require_setup()
+        return {
+            n: {k: v.detach().clone() for k, v in m.state_dict().items()}
+            for n, m in self.modules().items()
+        }
+
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Back to ``state`` exactly; the optimizer (if any) starts afresh."""
+        for n, m in self.modules().items():
+            m.load_state_dict(state[n], strict=True)
+
+
+def batches(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``x`` in stream order, ``batch_size`` rows each; a single leftover row joins the
+    batch before it (no method can adapt on one image)."""
+    parts = list(x.split(batch_size))
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
+
 
 def online(
     method: TTAMethod,
     x: torch.Tensor,
     batch_size: int = 64,
     on_batch: Callable[[int, torch.Tensor], None] | None = None,
+    guard: ResetGuard | None = None,
 ) -> torch.Tensor:
     """Run ``method`` over the unlabelled stream ``x`` in order; the predicted labels (CPU).
 
     The one online loop: batches in stream order, one ``step`` each, no labels
-    anywhere. ``on_batch(i, logits)`` sees each batch's prediction.
+    anywhere. ``on_batch(i, logits)`` sees each batch's prediction; ``guard``
+    (attached to the method) may reset it after a batch.
     """
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         raise sb.ConfigError(
             "online() takes a floating-point tensor of inputs (N x ...), and only that"
         )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise sb.ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
+        raise sb.ConfigError(f"batch_size must be an int >= 2, got {batch_size!r}")
     method._require_setup()
     device = next(method.predictor.parameters()).device
     preds = []
-    for i, xb in enumerate(x.split(batch_size)):
-        logits = method.step(xb.to(device, non_blocking=True))
+    for i, xb in enumerate(batches(x, batch_size)):
+        xb = xb.to(device, non_blocking=True)
+        logits = method.step(xb)
         if on_batch is not None:
             on_batch(i, logits)
+        if guard is not None:
+            guard.after_batch(xb, logits)
         preds.append(logits.argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+@dataclass
+class ResetGuard:
+    """Puts an online method back to its state right after setup when adapting goes wrong.
+
+    RDumb (Press et al., 2023) showed that most continual TTA methods end below
+    the model they started from on long streams, and that resetting does as well
+    or better. Two triggers, either may be off (None):
+
+    - ``every``: a reset every that many batches (RDumb: 1000);
+    - ``max_drop``: collapse. Per batch, the diversity of the predictions (the
+      entropy of the batch's mean predicted distribution, in nats) of the method
+      and of the frozen source model; when the method's falls more than
+      ``max_drop`` below the source's, averaged over the last ``window``
+      batches, the method resets. Entropy minimisation that drifts ends by
+      predicting a few classes for everything; adaptation that helps keeps the
+      classes apart (measured in the README). The prediction entropy alone
+      cannot tell the two apart (Tent lowers it either way), nor can agreement
+      with the source (a helpful method disagrees wherever the source is wrong).
+
+    ``resets`` lists (batch index, reason) of every reset.
+    """
+
+    every: int | None = None
+    max_drop: float | None = 0.1
+    window: int = 3
+
+    resets: list[tuple[int, str]] = field(default_factory=list, init=False)
+    _method: TTAMethod | None = field(default=None, init=False, repr=False)
+    _source: nn.Module | None = field(default=None, init=False, repr=False)
+    _state: dict | None = field(default=None, init=False, repr=False)
+    _drops: list[float] = field(default_factory=list, init=False, repr=False)
+    _batch: int = field(default=0, init=False)
+    _since: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        if self.every is not None and (
+            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
+        ):
+            raise sb.ConfigError(
+                f"reset guard: every must be a positive int or None, got {self.every!r}"
+            )
+        if self.max_drop is not None and not self.max_drop > 0:
+            raise sb.ConfigError(
+                f"reset guard: max_drop must be positive or None, got {self.max_drop}"
+            )
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise sb.ConfigError(f"reset guard: window must be a positive int, got {self.window!r}")
+
+    @classmethod
+    def from_option(cls, option: bool | dict[str, Any]) -> ResetGuard | None:
+        """A method's ``reset`` option as a guard (None when off)."""
+        if option is False:
+            return None
+        if option is True:
+            return cls()
+        if not isinstance(option, dict):
+            raise sb.ConfigError(
+                f"reset must be true, false or a mapping of options, got {option!r}"
+            )
+        known = {"every", "max_drop", "window"}
+        if set(option) - known:
+            raise sb.ConfigError(
+                f"reset: unknown options {sorted(set(option) - known)}; known: {sorted(known)}"
+            )
+        return cls(**option)
+
+    def attach(self, method: TTAMethod, source: nn.Module) -> ResetGuard:
+        """Watch ``method`` (set up already) against ``source`` (the model it started from;
+        a frozen copy is kept when the collapse trigger is on)."""
+        self._method, self._state = method, method.state()
+        if self.max_drop is not None:
+            self._source = copy.deepcopy(source).eval().requires_grad_(False)
+        return self
+
+    @staticmethod
+    def diversity(logits: torch.Tensor) -> float:
+        """Entropy (nats) of the batch's mean predicted distribution."""
+        p = logits.float().softmax(1).mean(0)
+        return float(-(p * p.clamp_min(1e-12).log()).sum())
+
+    def after_batch(self, x: torch.Tensor, logits: torch.Tensor) -> str | None:
+        """Look at one batch's prediction; reset the method when a trigger fires (the reason)."""
+        if self._method is None:
+            raise sb.ConfigError("reset guard: attach(method, source) first")
+        self._batch += 1
+        self._since += 1
+        reason = None
+        if self._source is not None:
+            with torch.no_grad():
+                ref = self._source(x)
+            drop = self.diversity(ref) - self.diversity(logits)
+            self._drops = [*self._drops, drop][-self.window :]
+            mean = sum(self._drops) / self.window
+            if len(self._drops) == self.window and mean > self.max_drop:
+                reason = f"diversity {mean:.2f} nats below the source's"
+        if reason is None and self.every is not None and self._since >= self.every:
+            reason = f"periodic ({self.every} batches)"
+        if reason is not None:
+            self._method.load_state(self._state)
+            self.resets.append((self._batch - 1, reason))
+            self._drops, self._since = [], 0
+        return reason
 
 
 # --------------------------------------------------------------------------- baselines
@@ -213,8 +377,12 @@ class GradientMethod(TTAMethod):
         else:
             self.opt = torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
 
+    def load_state(self, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        super().load_state(state)
+        self.opt = None
+
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        self._require_setup()
+        self.check_batch(x)
         if self.opt is None:
             self.make_optimizer()
         loss, logits = self.objective(x)
@@ -241,11 +409,7 @@ class Tent(GradientMethod):
 
     def setup(self, model: nn.Module, source=None) -> None:
         super().setup(model, source)
-        for m in self.model.modules():
-            if _is_bn(m):  # test-batch statistics, as in Tent
-                m.train()
-                m.track_running_stats = False
-                m.running_mean = m.running_var = None
+        use_batch_statistics(self.model)  # as in Tent
         self.opt = None
 
     def trainable(self, model: nn.Module) -> list[dict[str, Any]]:
@@ -279,6 +443,7 @@ def create_method(name: str, **kwargs: Any) -> TTAMethod:
             f"unknown test-time adaptation method {name!r}; choose from {list_methods()}"
         )
     cls = TTA_METHODS[name]
+    ResetGuard.from_option(kwargs.get("reset", True))  # a bad guard option fails here
     known = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
     unknown = sorted(set(kwargs) - known)
     if unknown:

@@ -22,7 +22,7 @@ Per test batch (homeostatic knowledge allotment, then a mean-teacher step):
    ``ema_adapters`` when set, as the official code allows).
 
 Before deployment the adapters are warmed up on the labelled source data
-through the shared training loop (``warmup_steps``; the paper does this too).
+through the shared training loop (``source_steps``; the paper does this too).
 
 Lifelong record: ``domain_skill`` snapshots the teacher's two adapters as one
 skill (low and high rank side by side: rank r_l + r_h, usable as a plain LoRA
@@ -44,14 +44,38 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import skillbank as sb
+from skillbank.adapters.config import matches
 
 from .base import TrainConfig, train
-from .tta import GradientMethod, online, register_method, soft_cross_entropy
+from .tta import (
+    GradientMethod,
+    batches,
+    online,
+    register_method,
+    soft_cross_entropy,
+    use_batch_statistics,
+)
 
 LOW, HIGH = "vida_low", "vida_high"
+RESNET_CONVS = r"re:layer\d+\.\d+\.conv\d+"  # timm / torchvision ResNet block convolutions
 
 
 # --------------------------------------------------------------------------- pure pieces
+
+
+def default_targets(model: nn.Module) -> tuple[str, ...]:
+    """Where ViDA's adapters go when not told: a ViT's attention ``qkv`` and ``proj``
+    (as the paper), else the convolutions of a ResNet's residual blocks."""
+    paths = [n for n, _ in model.named_modules()]
+    if any(matches("attn.qkv", p) for p in paths):
+        return ("attn.qkv", "attn.proj")
+    convs = RESNET_CONVS
+    if any(matches(convs, p) for p in paths):
+        return (convs,)
+    raise sb.ConfigError(
+        "vida: no attention qkv/proj or ResNet block convolutions in this model; "
+        "name the modules to adapt with targets=(...)"
+    )
 
 
 def uncertainty(view_logits: torch.Tensor, factor: float = 0.1) -> float:
@@ -141,7 +165,8 @@ class ViDA(GradientMethod):
 
     low_rank: int = 1
     high_rank: int = 16  # > d/8 for d = 64 (vit_micro); the paper: 128 for d = 768
-    targets: tuple[str, ...] = ("attn.qkv", "attn.proj")
+    # None: attention qkv and proj on a ViT, the residual blocks' convolutions on a ResNet
+    targets: tuple[str, ...] | None = None
     views: int = 10
     unc_factor: float = 0.1
     threshold: float = 0.05  # small images (0.2 for ImageNet)
@@ -150,19 +175,18 @@ class ViDA(GradientMethod):
     lr: float = 1e-4  # adapters
     lr_other: float = 1e-5  # everything else, when ``train_backbone``
     train_backbone: bool = False
-    warmup_steps: int = 100  # adapters on the labelled source data before deployment; 0 skips
-    warmup_lr: float = 1e-3
-    warmup_augment: float = (
-        0.0  # fraction of each warm-up batch seen through the views' augmentations
-    )
-    adapt: bool = (
-        True  # False: predict with the warmed-up teacher, no test-time update (an ablation)
-    )
+    # The source stage: the adapters train on the labelled source split, backbone
+    # frozen, before any test-time step; ``source_augment`` of each batch is seen
+    # through the views' augmentations. 0 steps skips it.
+    source_steps: int = 300
+    source_lr: float = 1e-3
+    source_augment: float = 0.5
+    # Batch norms normalise with each test batch, in student and teacher alike (the
+    # official code runs both in train mode); False keeps the source statistics.
+    batch_stats: bool = True
+    adapt: bool = True  # False: predict with the source-stage teacher, no test-time update
     bank_skills: bool = True  # the protocol banks the adapted state at the end of each domain
-    retrieve: bool = (
-        False  # ... and starts a domain from a retrieved skill when one is close enough
-    )
-    min_score: float = 0.95  # cosine similarity needed to start from a retrieved skill
+    retrieve: bool = True  # ... and, on a second pass, starts each domain from its skill
 
     teacher: nn.Module | None = field(default=None, init=False, repr=False)
     scales: tuple[float, float] = field(default=(1.0, 1.0), init=False)
@@ -189,30 +213,29 @@ class ViDA(GradientMethod):
             if v is not None and not 0.0 <= v < 1.0:
                 raise sb.ConfigError(f"vida: {what} must be in [0, 1), got {v}")
         if not (
-            self.lr_other > 0 and self.warmup_lr > 0 and self.unc_factor > 0 and self.threshold >= 0
+            self.lr_other > 0 and self.source_lr > 0 and self.unc_factor > 0 and self.threshold >= 0
         ):
             raise sb.ConfigError(
-                "vida: lr_other, warmup_lr and unc_factor must be positive, threshold >= 0"
+                "vida: lr_other, source_lr and unc_factor must be positive, threshold >= 0"
             )
         if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or self.warmup_steps < 0
+            isinstance(self.source_steps, bool)
+            or not isinstance(self.source_steps, int)
+            or self.source_steps < 0
         ):
             raise sb.ConfigError(
-                f"vida: warmup_steps must be an int >= 0, got {self.warmup_steps!r}"
+                f"vida: source_steps must be an int >= 0, got {self.source_steps!r}"
             )
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
-        self.targets = tuple(self.targets)
-        if not self.targets:
-            raise sb.ConfigError("vida: targets is empty")
-        if isinstance(self.warmup_augment, bool) or not 0.0 <= self.warmup_augment <= 1.0:
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
+            if not self.targets:
+                raise sb.ConfigError("vida: targets is empty")
+        if isinstance(self.source_augment, bool) or not 0.0 <= self.source_augment <= 1.0:
             raise sb.ConfigError(
-                f"vida: warmup_augment is a fraction in [0, 1], got {self.warmup_augment!r}"
+                f"vida: source_augment is a fraction in [0, 1], got {self.source_augment!r}"
             )
-        if not 0.0 < self.min_score <= 1.0:
-            raise sb.ConfigError(f"vida: min_score must be in (0, 1], got {self.min_score}")
 
     # ------------------------------------------------------------ setup
     def setup(self, model: nn.Module, source=None) -> None:
@@ -224,6 +247,7 @@ class ViDA(GradientMethod):
             raise sb.ConfigError(
                 f"vida: the model already has adapters {sorted(taken)}; give it a fresh source model"
             )
+        self._targets = self.targets or default_targets(self.model)
         # A's draw follows ``seed``; the caller's RNG is left alone
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -231,7 +255,7 @@ class ViDA(GradientMethod):
                 sb.add_adapter(
                     self.model,
                     name,
-                    sb.LoRAConfig(rank=r, alpha=float(r), targets=self.targets, init="gaussian"),
+                    sb.LoRAConfig(rank=r, alpha=float(r), targets=self._targets, init="gaussian"),
                     activate=False,
                 )
         self._layers = sb.adapter_layers(self.model)
@@ -240,14 +264,14 @@ class ViDA(GradientMethod):
                 p.requires_grad_(True)  # adding HIGH froze LOW
         self._gen = torch.Generator().manual_seed(self.seed)
         self._set_scales(self._layers, (1.0, 1.0))
-        if source is not None and self.warmup_steps:
+        if source is not None and self.source_steps:
             train(
                 self.model,
                 source.x_train,
                 source.y_train,
                 TrainConfig(
-                    steps=self.warmup_steps,
-                    lr=self.warmup_lr,
+                    steps=self.source_steps,
+                    lr=self.source_lr,
                     b_ratio=1.0,
                     batch_size=64,
                     seed=self.seed,
@@ -255,8 +279,8 @@ class ViDA(GradientMethod):
                     progress=False,
                     grad_clip=1.0,
                 ),
-                transform=self._warmup_transform if self.warmup_augment else None,
-                desc="vida warm-up",
+                transform=self._source_transform if self.source_augment else None,
+                desc="vida source stage",
             )
         if self.train_backbone:
             for p in self.model.parameters():
@@ -264,12 +288,15 @@ class ViDA(GradientMethod):
         self.model.eval()
         self.teacher = copy.deepcopy(self.model).eval()
         self.teacher.requires_grad_(False)
+        if self.batch_stats and self.adapt:
+            use_batch_statistics(self.model)
+            use_batch_statistics(self.teacher)
         self._teacher_layers = sb.adapter_layers(self.teacher)
         self.opt = None
         self._pairs = None
 
-    def _warmup_transform(self, xb: torch.Tensor) -> torch.Tensor:
-        k = round(self.warmup_augment * len(xb))
+    def _source_transform(self, xb: torch.Tensor) -> torch.Tensor:
+        k = round(self.source_augment * len(xb))
         return torch.cat([augment(xb[:k], 1, self._gen), xb[k:]]) if k else xb
 
     @property
@@ -304,8 +331,12 @@ class ViDA(GradientMethod):
     def step(self, x: torch.Tensor) -> torch.Tensor:
         if self.adapt or self.teacher is None:
             return super().step(x)
+        self.check_batch(x)
         with torch.no_grad():
             return self.teacher(x)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, "teacher": self.teacher}
 
     def objective(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.teacher is None:
@@ -347,7 +378,7 @@ class ViDA(GradientMethod):
         skill = sb.compose(branches, [1.0, 1.0], method="cat", name=name)
         r = self.low_rank + self.high_rank
         skill.config = sb.LoRAConfig(
-            rank=r, alpha=float(r), targets=self.targets, init="gaussian"
+            rank=r, alpha=float(r), targets=self._targets, init="gaussian"
         ).to_dict()
         skill.metadata = {
             "learner": self.name,
@@ -406,20 +437,38 @@ class ViDA(GradientMethod):
         with sb.disabled(self.teacher):
             return sb.example_embedding(self.teacher, x, centres=centres, seed=self.seed)
 
+    def domain_stats(self, x: torch.Tensor) -> sb.RouteStats:
+        """Statistics of the domain ``x`` comes from, as the ``stats`` router reads them:
+        the bare backbone's patch embedding (a ViT) or the pixels, with the teacher's
+        predictions standing in for the labels the stream never gives."""
+        self._require_setup()
+        with torch.no_grad():
+            pseudo = torch.cat([self.teacher(xb).argmax(1).cpu() for xb in batches(x, 256)])
+        return sb.compute_stats(self.teacher, x, pseudo)
+
     def start_from_bank(self, bank: sb.SkillBank, x: torch.Tensor, where: dict | None = None):
-        """Retrieve the closest banked ViDA skill for the batch ``x``; when its cosine
-        score reaches ``min_score``, load it. The hit, or None."""
-        query = self.domain_embedding(x)[0]
-        hits = bank.retrieve(query, k=1, where={"learner": self.name, **(where or {})})
-        if hits and hits[0].score >= self.min_score:
-            self.load_skill(bank.get(f"{hits[0].name}@{hits[0].version}"))
-            return hits[0]
-        return None
+        """Find the banked ViDA skill of the domain the batch ``x`` comes from (the
+        ``stats`` router's likelihood of the batch's layer statistics, averaged over the
+        batch) and load it. Its ref, or None when the bank has no such skill."""
+        from skillbank.route_stats import route_features
+        from skillbank.routers import StatsRouter
+
+        router = StatsRouter(bank, where={"learner": self.name, **(where or {})})
+        with sb.disabled(self.teacher):
+            _, desc = route_features(self.teacher, x, layers=router.layers(self.teacher))
+        try:
+            refs, _ = router.rank_batch(desc, k=1)
+        except sb.MissingStats:  # nothing banked with statistics yet
+            return None
+        if not refs:
+            return None
+        self.load_skill(bank.get(refs[0]))
+        return refs[0]
 
     # ------------------------------------------------------------- fit
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:
         """The learner contract: adapt a copy of ``model`` online on the task's unlabelled
-        test inputs (starting from a banked skill when ``retrieve`` and one is close) and
+        test inputs (starting from the banked skill of its domain when ``retrieve``) and
         return the adapted state as a skill. ``model`` is not changed."""
         self.setup(copy.deepcopy(model))
         if bank is not None and self.retrieve:
@@ -428,4 +477,18 @@ class ViDA(GradientMethod):
         return self.domain_skill(task.name, {"task": task.name})
 
 
+@dataclass
+class SourceStage(ViDA):
+    """ViDA's source stage alone: the same adapters trained on the same augmented source
+    data, then no test-time update. ViDA's gain over this row is the gain from adapting;
+    this row's gain over source-only is robustness bought on the source side."""
+
+    name: ClassVar[str] = "source_stage"
+
+    adapt: bool = False
+    bank_skills: bool = False
+    retrieve: bool = False
+
+
 register_method(ViDA)
+register_method(SourceStage)

@@ -249,6 +249,20 @@ class StatsRouter(BaseRouter):
         refs, _ = self._retrieve(desc, max(k, self.candidates))
         return self._topk(refs, self.log_likelihoods(x, refs), k)
 
+    def rank_batch(self, desc: torch.Tensor, k: int = 1) -> tuple[list[str], list[float]]:
+        """The ``k`` skills most likely to have produced the whole batch (rows that share
+        one domain, e.g. a test batch under one corruption): each candidate's
+        log-likelihood averaged over the rows; candidates are every row's retrievals."""
+        x = self._layer_features(desc, self.name)
+        self._fresh_stats()
+        refs, _ = self._retrieve(desc, self.candidates)
+        pool = _unique(refs)
+        if not pool:
+            return [], []
+        scores = self.log_likelihoods(x, [pool] * len(x)).mean(0)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [pool[j] for j in order], [float(scores[j]) for j in order]
+
 
 class FusedRouter(StatsRouter, MahalanobisRouter):
     """``mahalanobis`` and ``stats`` together: what a sample is (its class under the

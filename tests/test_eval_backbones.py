@@ -25,6 +25,17 @@ def test_preset_shapes():
     assert _outputs(m8, torch.rand(2, 3, 8, 8)).shape == (2, 10)
 
 
+def test_resnet_preset_has_batch_norms_and_a_widenable_fc_head(tmp_path, source):
+    m = create_backbone("resnet_micro", num_classes=6)
+    assert _outputs(m, torch.rand(3, 1, 28, 28)).shape == (3, 6)
+    assert any(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
+    assert backbones._classifier(m) == "fc"
+    wide = pretrain(
+        "resnet_micro", source, epochs=1, cache_dir=tmp_path, device="cpu", num_classes=30
+    )
+    assert wide.fc.out_features == 30 and _outputs(wide, source.x_test[:4]).shape == (4, 30)
+
+
 def test_timm_vit_rebuilt_for_28px_and_cnn_without_patch_args():
     vit = create_backbone("vit_tiny_patch16_224", depth=1)
     assert vit.patch_embed.grid_size == (7, 7)  # patch 4 on 28 x 28
