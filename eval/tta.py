@@ -130,7 +130,7 @@ def run_stream(
     method.setup(copy.deepcopy(model), stream.source)
     guard = ResetGuard.from_option(method.reset)
     if guard is not None:
-        guard.attach(method, model)
+        guard.attach(method)
     banks = bank is not None and getattr(method, "bank_skills", False)
     args = dict(batch_size=batch_size, guard=guard, log=log)
     run = _one_pass(method, stream, bank=bank if banks else None, tags=tags, label=label, **args)

@@ -201,13 +201,14 @@ class ResetGuard:
     - ``every``: a reset every that many batches (RDumb: 1000);
     - ``max_drop``: collapse. Per batch, the diversity of the predictions (the
       entropy of the batch's mean predicted distribution, in nats) of the method
-      and of the frozen source model; when the method's falls more than
-      ``max_drop`` below the source's, averaged over the last ``window``
-      batches, the method resets. Entropy minimisation that drifts ends by
-      predicting a few classes for everything; adaptation that helps keeps the
-      classes apart (measured in the README). The prediction entropy alone
-      cannot tell the two apart (Tent lowers it either way), nor can agreement
-      with the source (a helpful method disagrees wherever the source is wrong).
+      and of a frozen copy of the method as it started; when the method's falls
+      more than ``max_drop`` below its start's, averaged over the last
+      ``window`` batches, the method resets. Entropy minimisation that drifts
+      ends by predicting a few classes for everything; adaptation that helps
+      keeps the classes apart (measured in the README). The prediction entropy
+      alone cannot tell the two apart (Tent lowers it either way), nor can
+      agreement with the source (a helpful method disagrees wherever the source
+      is wrong). A method that does not adapt is never reset.
 
     ``resets`` lists (batch index, reason) of every reset.
     """
@@ -218,7 +219,7 @@ class ResetGuard:
 
     resets: list[tuple[int, str]] = field(default_factory=list, init=False)
     _method: TTAMethod | None = field(default=None, init=False, repr=False)
-    _source: nn.Module | None = field(default=None, init=False, repr=False)
+    _start: nn.Module | None = field(default=None, init=False, repr=False)
     _state: dict | None = field(default=None, init=False, repr=False)
     _drops: list[float] = field(default_factory=list, init=False, repr=False)
     _batch: int = field(default=0, init=False)
@@ -256,12 +257,14 @@ class ResetGuard:
             )
         return cls(**option)
 
-    def attach(self, method: TTAMethod, source: nn.Module) -> ResetGuard:
-        """Watch ``method`` (set up already) against ``source`` (the model it started from;
-        a frozen copy is kept when the collapse trigger is on)."""
+    def attach(self, method: TTAMethod) -> ResetGuard:
+        """Watch ``method`` (set up already): its state now is what a reset restores, and
+        (collapse trigger on) a frozen copy of its predictor is the reference."""
         self._method, self._state = method, method.state()
         if self.max_drop is not None:
-            self._source = copy.deepcopy(source).eval().requires_grad_(False)
+            # eval(): batch norms keep the statistics they have now (BN-adapt's source
+            # statistics; a batch-statistics norm has none and stays as it is)
+            self._start = copy.deepcopy(method.predictor).eval().requires_grad_(False)
         return self
 
     @staticmethod
@@ -273,18 +276,18 @@ class ResetGuard:
     def after_batch(self, x: torch.Tensor, logits: torch.Tensor) -> str | None:
         """Look at one batch's prediction; reset the method when a trigger fires (the reason)."""
         if self._method is None:
-            raise sb.ConfigError("reset guard: attach(method, source) first")
+            raise sb.ConfigError("reset guard: attach(method) first")
         self._batch += 1
         self._since += 1
         reason = None
-        if self._source is not None:
+        if self._start is not None:
             with torch.no_grad():
-                ref = self._source(x)
+                ref = self._start(x)
             drop = self.diversity(ref) - self.diversity(logits)
             self._drops = [*self._drops, drop][-self.window :]
             mean = sum(self._drops) / self.window
             if len(self._drops) == self.window and mean > self.max_drop:
-                reason = f"diversity {mean:.2f} nats below the source's"
+                reason = f"diversity {mean:.2f} nats below the start's"
         if reason is None and self.every is not None and self._since >= self.every:
             reason = f"periodic ({self.every} batches)"
         if reason is not None:

@@ -43,9 +43,14 @@ class MissingStats(SkillbankError, LookupError):
 
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
-    """The patch embedding when the model has one (timm ViTs), else the input pixels."""
+    """The patch embedding when the model has one (timm ViTs), else a ResNet's stem
+    (timm's ``act1``: convolution, batch norm, ReLU), else the input pixels (whose
+    4 x 4 averages miss shifts such as pixelation that the stem still sees)."""
     names = {n for n, _ in model.named_modules()}
-    return ("patch_embed",) if "patch_embed" in names else (INPUT,)
+    for layer in ("patch_embed", "act1"):
+        if layer in names:
+            return (layer,)
+    return (INPUT,)
 
 
 def _descriptor(out: torch.Tensor) -> torch.Tensor:

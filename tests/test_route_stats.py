@@ -130,3 +130,14 @@ def test_nan_inputs_and_mismatched_labels_are_refused(model):
         sb.compute_stats(model, bad, y, head="head")
     with pytest.raises(sb.InvalidEmbedding, match="one label each"):
         sb.compute_stats(model, x, y[:-1], head="head")
+
+
+def test_default_layers_follow_the_architecture():
+    from eval.backbones import create_backbone
+    from skillbank.route_stats import INPUT, default_layers
+
+    assert default_layers(create_backbone("vit_nano")) == ("patch_embed",)
+    assert default_layers(create_backbone("resnet_micro")) == ("act1",)  # the stem
+    assert default_layers(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))) == (
+        INPUT,
+    )

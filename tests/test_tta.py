@@ -433,14 +433,14 @@ def test_reset_guard_restores_the_exact_state_after_collapse():
     model = bn_model()
     method = _Collapsing(device="cpu")
     method.setup(copy.deepcopy(model))
-    guard = ResetGuard(max_drop=0.1, window=2).attach(method, model)
+    guard = ResetGuard(max_drop=0.1, window=2).attach(method)
     start = {k: v.clone() for k, v in method.model.state_dict().items()}
     preds = online(method, x8(16 * 8), batch_size=16, guard=guard)
     assert len(preds) == 128 and guard.resets and "diversity" in guard.resets[0][1]
     # right after a reset the state is the one right after setup, bit for bit
     fresh = _Collapsing(device="cpu")
     fresh.setup(copy.deepcopy(model))
-    guard2 = ResetGuard(max_drop=0.1, window=2).attach(fresh, model)
+    guard2 = ResetGuard(max_drop=0.1, window=2).attach(fresh)
     for xb in x8(16 * 3).split(16):
         logits = fresh.step(xb)
         if guard2.after_batch(xb, logits):
@@ -448,10 +448,10 @@ def test_reset_guard_restores_the_exact_state_after_collapse():
             break
     else:
         pytest.fail("the collapse was never caught")
-    # a method that does not drift is never reset
+    # a method that does not adapt is never reset (the reference is its own start)
     steady = SourceOnly(device="cpu")
     steady.setup(copy.deepcopy(model))
-    quiet = ResetGuard().attach(steady, model)
+    quiet = ResetGuard().attach(steady)
     online(steady, x8(16 * 6), batch_size=16, guard=quiet)
     assert quiet.resets == []
 
@@ -463,7 +463,7 @@ def test_periodic_reset_restores_tent_and_its_optimizer():
     tent = Tent(device="cpu", lr=0.05)
     tent.setup(copy.deepcopy(model))
     start = tent.state()
-    guard = ResetGuard(every=3, max_drop=None).attach(tent, model)
+    guard = ResetGuard(every=3, max_drop=None).attach(tent)
     for xb in x8(16 * 3, seed=1).split(16):
         logits = tent.step(xb)
         reason = guard.after_batch(xb, logits)
