@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,7 +55,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import skillbank as sb
-from skillbank.adapters.config import matches
 
 from .base import TrainConfig, train
 from .tta import (
@@ -77,11 +77,10 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     """Where ViDA's adapters go when not told: a ViT's attention ``qkv`` and ``proj``
     (as the paper), else the convolutions of a ResNet's residual blocks."""
     paths = [n for n, _ in model.named_modules()]
-    if any(matches("attn.qkv", p) for p in paths):
+    if any(p == "attn.qkv" or p.endswith(".attn.qkv") for p in paths):
         return ("attn.qkv", "attn.proj")
-    convs = RESNET_CONVS
-    if any(matches(convs, p) for p in paths):
-        return (convs,)
+    if any(re.fullmatch(RESNET_CONVS[3:], p) for p in paths):
+        return (RESNET_CONVS,)
     raise sb.ConfigError(
         "vida: no attention qkv/proj or ResNet block convolutions in this model; "
         "name the modules to adapt with targets=(...)"
