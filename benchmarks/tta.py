@@ -1,12 +1,13 @@
 """The TTA protocol on both backbone presets at severities 5 and 3, in one table.
 
-    python benchmarks/tta.py [--out runs/tta-grid] [--bank runs/tta-grid/skills] [--seeds 0 1 2]
+    python benchmarks/tta.py [--out runs/tta-grid] [--seeds 0 1 2]
 
 Runs ``skillbank bench --protocol tta`` (its defaults: source, source_stage,
 bn_adapt, tent, vida, and vida's second pass) for ``vit_micro`` and
 ``resnet_micro`` on ``corrupted-mnist`` (severity 5) and ``corrupted-mnist-s3``,
-each into ``OUT/<backbone>-<stream>`` (a run whose ``results.json`` already has
-every seed is read, not rerun), then prints the mean error of every method per
+each into ``OUT/<backbone>-<stream>`` with a bank per backbone
+(``OUT/skills-<backbone>``: a bank space holds one dimension) (a run whose
+``results.json`` already has every seed is read, not rerun), then prints the mean error of every method per
 cell, the guard's resets and the protocol's goals per cell.
 """
 
@@ -25,7 +26,7 @@ BACKBONES = ("vit_micro", "resnet_micro")
 STREAMS = {"corrupted-mnist": 5, "corrupted-mnist-s3": 3}
 
 
-def cell(out: Path, bank: str, backbone: str, stream: str, seeds: list[int]) -> dict:
+def cell(out: Path, backbone: str, stream: str, seeds: list[int]) -> dict:
     run = out / f"{backbone}-{stream}"
     done = run / "results.json"
     if done.is_file():
@@ -33,7 +34,7 @@ def cell(out: Path, bank: str, backbone: str, stream: str, seeds: list[int]) -> 
         if doc.get("seeds") == seeds:
             return doc
     cfg = config.load(protocol="tta", backbone=backbone, stream=stream, seeds=seeds, out=str(run))
-    return config.execute(cfg, bank=bank)
+    return config.execute(cfg, bank=str(out / f"skills-{backbone}"))
 
 
 def summary(docs: dict[tuple[str, str], dict]) -> str:
@@ -75,12 +76,10 @@ def goals(docs: dict[tuple[str, str], dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/tta-grid")
-    ap.add_argument("--bank", default=None, help="default: OUT/skills")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args()
     out = Path(args.out)
-    bank = args.bank or str(out / "skills")
-    docs = {(b, s): cell(out, bank, b, s, args.seeds) for b in BACKBONES for s in STREAMS}
+    docs = {(b, s): cell(out, b, s, args.seeds) for b in BACKBONES for s in STREAMS}
     print(summary(docs))
     print()
     print(goals(docs))

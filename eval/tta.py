@@ -3,17 +3,23 @@
 Per seed: a source model is pretrained on the clean source split (cached,
 ``eval.backbones.pretrain`` with that seed); every method then adapts a copy of
 it online over the corruption stream (15 domains at severity 5 in CoTTA order
-by default), batch by batch, without labels and without a reset between
-domains; each domain's images in one fixed shuffled order (``shuffled``: the data
-are stored sorted by class, CoTTA's test sets are not). Each domain's test labels only score the predictions made on the fly.
+by default, ``corrupted-mnist-s3`` for severity 3), batch by batch, without
+labels and without a reset between domains; each domain's images in one fixed
+shuffled order (``shuffled``: the data are stored sorted by class, CoTTA's test
+sets are not). Each domain's test labels only score the predictions made on the
+fly.
 Reported: error per domain and the mean, per method, mean and std over seeds,
 as ``results.json``, a rich table, ``table.md`` and ``tta_error.png``.
 
-Lifelong record: with a bank, a method that offers ``domain_skill`` (ViDA with
-``bank_skills``) has its adapted state banked at the end of every domain with
-that domain's example embedding (bare source features) and tags naming the
-source model; with ``retrieve`` a domain starts from the closest banked skill
-of the same source model when it is close enough (retrieve, then adapt).
+Every method runs under its reset guard (``learners.tta.ResetGuard``; the
+method's ``reset`` option); the resets are counted per domain and reported.
+
+Lifelong record: with a bank, a method that banks domain skills (ViDA) has its
+adapted state banked at the end of every domain with that domain's example
+embedding and layer statistics, tagged with the run, seed and source model; when
+it also ``retrieve``s, a second pass over the same domains starts each one from
+the skill the first batch's statistics retrieve (the ``<method> pass 2`` row,
+with how many domains found their own skill).
 """
 
 from __future__ import annotations
@@ -283,6 +289,8 @@ def _run(ctx: Context, stream: Stream, opts: dict[str, dict[str, Any]]) -> dict:
             f"seed {seed}: source model {info['key']} (clean accuracy {100 * info['test_acc']:.1f}%)"
         )
         tags = ctx.tags(seed, stream=stream.name, source=info["key"], protocol="tta")
+        if ctx.bank is not None:
+            check_bank_fits(ctx.bank, model, stream.source.x_test[:8])
         for name in cfg.learners:
             method = method_for(name, seed, cfg.device, opts[name])
             t0 = time.perf_counter()
@@ -328,6 +336,23 @@ def _method_doc(rs: list[TTARun]) -> dict[str, Any]:
         doc["found"] = found.tolist()
         doc["domains_found"] = stats(found.sum(1).astype(float).tolist())
     return doc
+
+
+def check_bank_fits(bank: sb.SkillBank, model: nn.Module, x: torch.Tensor) -> None:
+    """A bank space holds vectors of one dimension: refuse a bank that another backbone
+    filled before any method runs, not at the end of the first domain."""
+    from skillbank.embed import EXAMPLES
+    from skillbank.route_stats import LAYER_STATS, default_layers, route_features
+
+    emb = sb.example_embedding(model, x)
+    _, desc = route_features(model, x, layers=default_layers(model))
+    have = bank.spaces()
+    for space, dim in ((EXAMPLES, emb.shape[1]), (LAYER_STATS, desc.shape[1])):
+        if have.get(space, dim) != dim:
+            raise sb.ConfigError(
+                f"the bank's {space!r} space holds {have[space]}-d vectors (skills of another "
+                f"backbone); this backbone's are {dim}-d: give this run its own bank (--bank)"
+            )
 
 
 def results_doc(

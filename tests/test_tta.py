@@ -525,3 +525,25 @@ def test_a_batch_of_one_or_of_nan_is_refused_and_changes_nothing(name):
             assert all(torch.equal(now[part][k], v) for k, v in tensors.items())
     # a single leftover image joins the batch before it: every image is predicted
     assert len(online(method, x8(17), batch_size=8)) == 17
+
+
+def test_a_bank_filled_by_another_backbone_is_refused_up_front(tmp_path, stream):
+    from eval.tta import check_bank_fits
+
+    vit = create_backbone("vit_nano", img_size=8, num_classes=10).eval()
+    resnet = create_backbone("resnet_micro", img_size=8, num_classes=10).eval()
+    x = stream.source.x_test[:8]
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        check_bank_fits(bank, vit, x)  # an empty bank takes any backbone
+        vida = small_vida()
+        vida.setup(copy.deepcopy(vit))
+        bank.add(
+            "d",
+            vida.domain_skill("d"),
+            embedding=vida.domain_embedding(x),
+            stats=vida.domain_stats(x),
+            embed_text=False,
+        )
+        check_bank_fits(bank, vit, x)
+        with pytest.raises(sb.ConfigError, match="its own bank"):
+            check_bank_fits(bank, resnet, x)
