@@ -341,11 +341,12 @@ def _method_doc(rs: list[TTARun]) -> dict[str, Any]:
 def check_bank_fits(bank: sb.SkillBank, model: nn.Module, x: torch.Tensor) -> None:
     """A bank space holds vectors of one dimension: refuse a bank that another backbone
     filled before any method runs, not at the end of the first domain."""
+    from learners.vida import domain_layers
     from skillbank.embed import EXAMPLES
-    from skillbank.route_stats import LAYER_STATS, default_layers, route_features
+    from skillbank.route_stats import LAYER_STATS, route_features
 
     emb = sb.example_embedding(model, x)
-    _, desc = route_features(model, x, layers=default_layers(model))
+    _, desc = route_features(model, x, layers=domain_layers(model))
     have = bank.spaces()
     for space, dim in ((EXAMPLES, emb.shape[1]), (LAYER_STATS, desc.shape[1])):
         if have.get(space, dim) != dim:

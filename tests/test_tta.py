@@ -16,7 +16,7 @@ from eval.data import digits
 from eval.tta import run_stream
 from learners import BNAdapt, SourceOnly, Tent, ViDA, create_method, online
 from learners.tta import norm_affine_parameters
-from learners.vida import HIGH, LOW, allot, augment, ema_update, uncertainty
+from learners.vida import HIGH, LOW, allot, augment, domain_layers, ema_update, uncertainty
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -498,8 +498,10 @@ def test_retrieval_finds_a_domain_from_its_statistics(tmp_path):
         fresh_a, fresh_b = x8(64, seed=9) * 0.8, (x8(64, seed=9) * 0.8 + 0.15).clamp(0, 1)
         assert vida.start_from_bank(bank, fresh_a) == refs["a"]
         assert vida.start_from_bank(bank, fresh_b) == refs["b"]
-        got, scores = StatsRouter(bank).rank_batch(
-            sb.route_stats.route_features(model, fresh_b, layers=("patch_embed",))[1], k=2
+        layers = domain_layers(model)
+        assert layers == ("blocks.0",)
+        got, scores = StatsRouter(bank, layers=layers).rank_batch(
+            sb.route_stats.route_features(model, fresh_b, layers=layers)[1], k=2
         )
         assert got == [refs["b"], refs["a"]] and scores[0] > scores[1]
         assert vida.start_from_bank(bank, fresh_a, where={"learner": "none"}) is None
