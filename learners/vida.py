@@ -76,9 +76,9 @@ RESNET_CONVS = r"re:layer\d+\.\d+\.conv\d+"  # timm / torchvision ResNet block c
 
 def domain_layers(model: nn.Module) -> tuple[str, ...]:
     """Where the statistics that find a domain again are read: a ViT's first block (its
-    LayerNorm makes the token statistics see noise that the linear patch embedding's
-    averages miss: at severity 3 those found 12-13 of 15 domains on two of three seeds,
-    the first block 15), else the routers' default (a ResNet's stem)."""
+    output tokens, past attention and MLP, keep what the linear patch embedding's
+    statistics blur: at severity 3 those found 12-13 of 15 domains on two of three
+    seeds, the first block 15), else the routers' default (a ResNet's stem)."""
     names = {n for n, _ in model.named_modules()}
     return ("blocks.0",) if "blocks.0" in names else default_layers(model)
 
