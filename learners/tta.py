@@ -7,6 +7,9 @@ labels ever). ``online(method, x)`` is the loop; a method supplies ``setup``
 Gradient methods (Tent, ViDA) share ``GradientMethod.step``: an ``objective``
 gives the loss and the prediction, the shared code takes the optimizer step
 (with the NaN guard) and calls ``after_update`` (ViDA's teacher update).
+Every batch is checked before anything sees it (two images at least, all
+finite). ``ResetGuard`` puts a method back to its start when its predictions
+collapse (or periodically); ``online(..., guard=)`` consults it after each batch.
 
 Baselines: ``SourceOnly`` (the source model as is), ``BNAdapt`` (batch-norm
 statistics re-estimated on the test batches), ``Tent`` (entropy minimisation
@@ -16,7 +19,7 @@ Norm layers and BN-adapt: a LayerNorm ViT has no running statistics (each
 token is normalised by its own mean and variance at train and test time
 alike), so BN-adapt has nothing to re-estimate there and equals source-only;
 ``BNAdapt.setup`` records that in ``notes``. It adapts models with batch norms
-(e.g. a timm ResNet backbone). Tent works on any norm layer's affine
+(e.g. the ``resnet_micro`` preset). Tent works on any norm layer's affine
 parameters (LayerNorm, GroupNorm, BatchNorm); on batch norms it also
 normalises with the test batch's statistics, as Tent does.
 """
@@ -78,7 +81,7 @@ class TTAMethod:
 
     ``setup(model, source)`` takes the source model (the method owns it from
     then on; pass a copy to keep yours) and optionally the labelled source
-    task (for a warm-up). ``step(x)`` adapts on one unlabelled batch and
+    task (for a source stage). ``step(x)`` adapts on one unlabelled batch and
     returns its logits. ``notes`` collects facts worth reporting.
     """
 
