@@ -473,7 +473,8 @@ class ViDA(GradientMethod):
     def start_from_bank(self, bank: sb.SkillBank, x: torch.Tensor, where: dict | None = None):
         """Find the banked ViDA skill of the domain the batch ``x`` comes from (the
         ``stats`` router's likelihood of the batch's layer statistics, averaged over the
-        batch) and load it. Its ref, or None when the bank has no such skill."""
+        batch) and load it; skills of another source model or other ranks are passed
+        over. Its ref, or None when the bank has no skill that fits."""
         from skillbank.route_stats import route_features
         from skillbank.routers import StatsRouter
 
@@ -483,13 +484,16 @@ class ViDA(GradientMethod):
         router = StatsRouter(bank, where={"learner": self.name, **(where or {})}, layers=layers)
         _, desc = route_features(model, x, layers=layers)
         try:
-            refs, _ = router.rank_batch(desc, k=1)
+            refs, _ = router.rank_batch(desc, k=router.candidates)
         except sb.MissingStats:  # nothing banked with statistics yet
             return None
-        if not refs:
-            return None
-        self.load_skill(bank.get(refs[0]))
-        return refs[0]
+        for ref in refs:  # the most likely skill that fits this model
+            try:
+                self.load_skill(bank.get(ref))
+            except (sb.BaseMismatch, sb.ConfigError):  # another source model or ranks
+                continue
+            return ref
+        return None
 
     # ------------------------------------------------------------- fit
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:

@@ -549,3 +549,18 @@ def test_a_bank_filled_by_another_backbone_is_refused_up_front(tmp_path, stream)
         check_bank_fits(bank, vit, x)
         with pytest.raises(sb.ConfigError, match="its own bank"):
             check_bank_fits(bank, resnet, x)
+
+
+def test_retrieval_passes_over_skills_that_do_not_fit(tmp_path):
+    model = create_backbone("vit_nano", img_size=8, num_classes=10).eval()
+    x = x8(64, seed=5)
+    other = small_vida(high_rank=3)
+    other.setup(copy.deepcopy(model))
+    mine = small_vida()
+    mine.setup(copy.deepcopy(model))
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        kw = dict(embedding=mine.domain_embedding(x), stats=mine.domain_stats(x), learner="vida")
+        bank.add("rank-3", other.domain_skill("rank-3"), embed_text=False, **kw)
+        assert mine.start_from_bank(bank, x) is None  # the only skill has other ranks
+        ref = str(bank.add("rank-4", mine.domain_skill("rank-4"), embed_text=False, **kw))
+        assert mine.start_from_bank(bank, x) == ref
