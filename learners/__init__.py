@@ -30,6 +30,7 @@ from .slicing import select_ranks, truncate
 from .tta import (
     TTA_METHODS,
     BNAdapt,
+    ResetGuard,
     SourceOnly,
     Tent,
     TTAMethod,
@@ -37,7 +38,7 @@ from .tta import (
     list_methods,
     online,
 )
-from .vida import ViDA
+from .vida import SourceStage, ViDA
 
 REGISTRY: dict[str, type[Learner]] = {}
 
@@ -85,8 +86,10 @@ __all__ = [
     "Reference",
     "Replay",
     "ReservoirBuffer",
+    "ResetGuard",
     "SimpleCIL",
     "SourceOnly",
+    "SourceStage",
     "TTAMethod",
     "Tent",
     "TrainConfig",
