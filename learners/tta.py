@@ -95,6 +95,9 @@ class TTAMethod:
     notes: list[str] = field(default_factory=list, init=False, repr=False)
     model: nn.Module | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        ResetGuard.from_option(self.reset)  # a bad guard option fails when the method is made
+
     def setup(self, model: nn.Module, source=None) -> None:
         if not isinstance(model, nn.Module):
             raise sb.ConfigError(
@@ -324,6 +327,7 @@ class BNAdapt(TTAMethod):
     momentum: float | None = 0.1
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.momentum is not None and not 0.0 < self.momentum <= 1.0:
             raise sb.ConfigError(
                 f"bn_adapt: momentum must be in (0, 1] or None, got {self.momentum}"
@@ -355,6 +359,7 @@ class GradientMethod(TTAMethod):
     steps: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.lr > 0:
             raise sb.ConfigError(f"{self.name}: lr must be positive, got {self.lr}")
         if self.optimizer not in ("adam", "sgd"):
@@ -449,7 +454,6 @@ def create_method(name: str, **kwargs: Any) -> TTAMethod:
             f"unknown test-time adaptation method {name!r}; choose from {list_methods()}"
         )
     cls = TTA_METHODS[name]
-    ResetGuard.from_option(kwargs.get("reset", True))  # a bad guard option fails here
     known = {f for f in cls.__dataclass_fields__ if cls.__dataclass_fields__[f].init}
     unknown = sorted(set(kwargs) - known)
     if unknown:
