@@ -230,6 +230,9 @@ def _methods(cfg) -> dict[str, dict[str, Any]]:
     return opts
 
 
+_TTA_STREAMS = "use 'corrupted-mnist' (severity 5) or 'corrupted-mnist-s3'"
+
+
 def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[str, Any]:
     """``skillbank bench --protocol tta``: every method over the stream for every seed.
 
@@ -242,13 +245,11 @@ def bench_protocol(cfg, bank: sb.SkillBank | str | None, console=None) -> dict[s
     opts = _methods(cfg)
     backbones.check_name(cfg.backbone)
     if cfg.stream not in STREAMS:
-        raise sb.ConfigError(
-            f"unknown stream {cfg.stream!r} for the tta protocol; use 'corrupted-mnist' (severity 5) or 'corrupted-mnist-s3'"
-        )
+        raise sb.ConfigError(f"unknown stream {cfg.stream!r} for the tta protocol; {_TTA_STREAMS}")
     stream = build_stream(cfg)
     if stream.scenario != "tta":
         raise sb.ConfigError(
-            f"stream {cfg.stream!r} is not a test-time adaptation stream; use 'corrupted-mnist' (severity 5) or 'corrupted-mnist-s3'"
+            f"stream {cfg.stream!r} is not a test-time adaptation stream; {_TTA_STREAMS}"
         )
     stream = shuffled(stream, cfg.data_seed)
     with open_run(cfg, bank, console) as ctx, _threads(ctx.device):
@@ -438,38 +439,44 @@ def _cols(doc: dict) -> list[str]:
     return [SHORT.get(d, d) for d in doc["domains"]]
 
 
-def table(doc: dict):
-    """Rich table: error (%) per domain (mean over seeds) and the mean ± std over seeds."""
-    from rich.table import Table
-
-    t = Table(
-        title=f"{doc['stream']}: online error (%) per domain, {doc['backbone']}, "
-        f"{len(doc['seeds'])} seed(s), batch {doc['batch_size']}, no reset between domains (resets: the guard's)"
-    )
-    t.add_column("method")
-    for c in _cols(doc) + ["mean", "resets"]:
-        t.add_column(c, justify="right")
-    for name, m in doc["methods"].items():
-        t.add_row(
+def _rows(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """The table's header and its rows of cells: error (%) per domain (mean over seeds),
+    the mean ± std over seeds, and the guard's resets."""
+    head = ["method", *_cols(doc), "mean", "resets"]
+    rows = [
+        [
             name,
             *[f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"]],
             f"{100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f}",
             str(m["total_resets"]),
-        )
+        ]
+        for name, m in doc["methods"].items()
+    ]
+    return head, rows
+
+
+def table(doc: dict):
+    """Rich table of ``_rows``."""
+    from rich.table import Table
+
+    t = Table(
+        title=f"{doc['stream']}: online error (%) per domain, {doc['backbone']}, "
+        f"{len(doc['seeds'])} seed(s), batch {doc['batch_size']}, "
+        "no reset between domains (resets: the guard's)"
+    )
+    head, rows = _rows(doc)
+    t.add_column(head[0])
+    for c in head[1:]:
+        t.add_column(c, justify="right")
+    for row in rows:
+        t.add_row(*row)
     return t
 
 
 def markdown(doc: dict) -> str:
-    head = "| method | " + " | ".join(_cols(doc)) + " | mean | resets |"
-    rows = [head, "|---" * (len(doc["domains"]) + 3) + "|"]
-    for name, m in doc["methods"].items():
-        rows.append(
-            f"| {name} | "
-            + " | ".join(f"{100 * e:.1f}" for e in m["error_per_domain"]["mean"])
-            + f" | {100 * m['mean_error']['mean']:.1f} ± {100 * m['mean_error']['std']:.1f}"
-            + f" | {m['total_resets']} |"
-        )
-    return "\n".join(rows)
+    head, rows = _rows(doc)
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def plot_errors(doc: dict, path: Path) -> Path:
