@@ -55,7 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import skillbank as sb
-from skillbank.route_stats import default_layers
+from skillbank.route_stats import default_layers, route_features
+from skillbank.routers import StatsRouter
 
 from .base import TrainConfig, train
 from .tta import (
@@ -68,7 +69,7 @@ from .tta import (
 )
 
 LOW, HIGH = "vida_low", "vida_high"
-RESNET_CONVS = r"re:layer\d+\.\d+\.conv\d+"  # timm / torchvision ResNet block convolutions
+RESNET_CONVS = r"layer\d+\.\d+\.conv\d+"  # timm / torchvision ResNet block convolutions
 
 
 # --------------------------------------------------------------------------- pure pieces
@@ -89,8 +90,8 @@ def default_targets(model: nn.Module) -> tuple[str, ...]:
     paths = [n for n, _ in model.named_modules()]
     if any(p == "attn.qkv" or p.endswith(".attn.qkv") for p in paths):
         return ("attn.qkv", "attn.proj")
-    if any(re.fullmatch(RESNET_CONVS[3:], p) for p in paths):
-        return (RESNET_CONVS,)
+    if any(re.fullmatch(RESNET_CONVS, p) for p in paths):
+        return ("re:" + RESNET_CONVS,)
     raise sb.ConfigError(
         "vida: no attention qkv/proj or ResNet block convolutions in this model; "
         "name the modules to adapt with targets=(...)"
@@ -462,8 +463,8 @@ class ViDA(GradientMethod):
 
     def domain_stats(self, x: torch.Tensor) -> sb.RouteStats:
         """Statistics of the domain ``x`` comes from, as the ``stats`` router reads them
-        (the source model's patch embedding on a ViT, its stem on a ResNet), with the
-        teacher's predictions standing in for the labels the stream never gives."""
+        (the source model's ``domain_layers``), with the teacher's predictions standing
+        in for the labels the stream never gives."""
         self._require_setup()
         with torch.no_grad():
             pseudo = torch.cat([self.teacher(xb).argmax(1).cpu() for xb in batches(x, 256)])
@@ -475,9 +476,6 @@ class ViDA(GradientMethod):
         ``stats`` router's likelihood of the batch's layer statistics, averaged over the
         batch) and load it; skills of another source model or other ranks are passed
         over. Its ref, or None when the bank has no skill that fits."""
-        from skillbank.route_stats import route_features
-        from skillbank.routers import StatsRouter
-
         self._require_setup()
         model = self.source_model
         layers = domain_layers(model)
