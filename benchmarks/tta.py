@@ -6,9 +6,10 @@ Runs ``skillbank bench --protocol tta`` (its defaults: source, source_stage,
 bn_adapt, tent, vida, and vida's second pass) for ``vit_micro`` and
 ``resnet_micro`` on ``corrupted-mnist`` (severity 5) and ``corrupted-mnist-s3``,
 each into ``OUT/<backbone>-<stream>`` with a bank per backbone
-(``OUT/skills-<backbone>``: a bank space holds one dimension) (a run whose
-``results.json`` already has every seed is read, not rerun), then prints the mean error of every method per
-cell, the guard's resets and the protocol's goals per cell.
+(``OUT/skills-<backbone>``: a bank space holds one dimension). A run whose
+``results.json`` already has every seed is read, not rerun. Prints the mean
+error of every method per cell with the guard's resets, then the protocol's
+goals per cell.
 """
 
 from __future__ import annotations

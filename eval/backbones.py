@@ -1,8 +1,9 @@
 """Backbones for the evaluator: build one by name, pretrain it once on a source split, cache it.
 
 Names resolve in this order: our presets (`PRESETS`, small timm ViTs and a
-batch-norm ResNet sized for 28 x 28 inputs on a CPU), ``"open_clip:<model>"`` (an open_clip vision tower
-built with random weights plus a linear head), then any timm model name.
+batch-norm ResNet sized for 28 x 28 inputs on a CPU), ``"open_clip:<model>"``
+(an open_clip vision tower built with random weights plus a linear head), then
+any timm model name.
 Nothing here downloads unless asked: `create_backbone` and `pretrain` build timm
 and open_clip models with random weights (or a local file); `from_weights` fetches
 a timm model's published weights only with ``pretrained=True``.
