@@ -3,8 +3,9 @@ low-rank domain adapters.
 
 Every targeted layer (a ViT's attention ``qkv`` and ``proj``, or a ResNet's
 block convolutions, by default) gets two parallel adapters,
-``y = W x + s_l B_l A_l x + s_h B_h A_h x``: a low-rank one (r = 1, domain-shared knowledge) and a high-rank one (r > d/8,
-domain-specific knowledge), B = 0 and A ~ N(0, 1/r^2) at init. They are two
+``y = W x + s_l B_l A_l x + s_h B_h A_h x``: a low-rank one (r = 1,
+domain-shared knowledge) and a high-rank one (r > d/8, domain-specific
+knowledge), B = 0 and A ~ N(0, 1/r^2) at init. They are two
 named branches of the same adapter layers; the scale factors are the
 branches' active weights, set per batch.
 
