@@ -445,29 +445,28 @@ class AdapterLayer(nn.Module):
     def _state_key(self, names) -> tuple:
         """Scales and tensor versions of all the forward reads for ``names`` (trained
         factors, rank gates): a cache keyed on it is rebuilt after any change to them."""
-        if not P.is_parametrized(self.lora_B):  # no rank gate on the layer: A and B alone
-            tensors = [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
-        else:
-            tensors = []
-            for n in names:
-                tensors += self.factor_parameters(n)
-                for g in self.rank_gates(n):
-                    tensors += [*g.parameters(), *g.buffers()]
+        tensors = self._forward_reads(names)
         scales = tuple(self.scaling[n] for n in names)
         # inference tensors (made under torch.inference_mode) cannot change: no version
         return scales, tuple((0 if t.is_inference() else t._version, t.data_ptr()) for t in tensors)
 
+    def _forward_reads(self, names) -> list[torch.Tensor]:
+        """The tensors the forward reads for ``names``: trained factors and rank gates."""
+        if not P.is_parametrized(self.lora_B):  # no rank gate on the layer: A and B alone
+            return [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
+        tensors = []
+        for n in names:
+            tensors += self.factor_parameters(n)
+            for g in self.rank_gates(n):
+                tensors += [*g.parameters(), *g.buffers()]
+        return tensors
+
     def _active_reads(self) -> list[torch.Tensor]:
-        """The tensors the active set's forward reads, looked up once per active set: the
+        """``_forward_reads`` of the active set, looked up once per active set: the
         merged-weight check runs every eval forward, and the lookups (parametrizations,
         ParameterDicts) cost more than the base layer itself on small models."""
         if self._reads is None or self._reads[0] != self.active:
-            tensors = []
-            for n, _ in self.active:
-                tensors += self.factor_parameters(n)
-                for g in self.rank_gates(n):
-                    tensors += [*g.parameters(), *g.buffers()]
-            self._reads = (self.active, tensors)
+            self._reads = (self.active, self._forward_reads([n for n, _ in self.active]))
         return self._reads[1]
 
     def _drop_caches(self) -> None:
