@@ -79,9 +79,10 @@ def extend(cov: torch.Tensor, m: torch.Tensor | None, energy: float) -> torch.Te
     task's input energy (trace of ``cov``) lies in the span (DualGPM)."""
     d = len(cov)
     q = complement(m, d, cov.device)
+    outside = q.T @ cov @ q
     total = float(torch.trace(cov))
-    kept = total - float(torch.trace(q.T @ cov @ q))
-    vals, vecs = torch.linalg.eigh(q.T @ cov @ q)
+    kept = total - float(torch.trace(outside))
+    vals, vecs = torch.linalg.eigh(outside)
     vals, vecs = vals.flip(0).clamp_min(0), (q @ vecs).flip(1)
     target = energy * total
     k = 0 if kept >= target else int((kept + torch.cumsum(vals, 0) < target).sum()) + 1
