@@ -513,8 +513,19 @@ def _save_checkpoint(ctx: Context, key: str, state: SeedRun, ckpt: dict) -> None
 PROTOCOL = Protocol(
     "continual",
     stream="domains-mnist",
-    # ours, the bounds (joint; frozen: the source model left alone), and the field's references
-    learners=("lora", "finetune", "joint", "frozen", "simplecil", "replay", "ewc", "lwf"),
+    # ours (routed skills; one summed model), the bounds (joint; frozen: the source model
+    # left alone), and the field's references
+    learners=(
+        "lora",
+        "orthogonal",
+        "finetune",
+        "joint",
+        "frozen",
+        "simplecil",
+        "replay",
+        "ewc",
+        "lwf",
+    ),
     run=bench_protocol,
     multi_process=True,
 )

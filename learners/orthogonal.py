@@ -9,6 +9,14 @@ so a later run that reads them (``bank_where``) continues it. ``init="lora"`` is
 O-LoRA instead: a trainable A pushed away from the past A's by
 lambda sum |A_old A_new^T| (lambda 0.5, the paper's). ``pego=True`` adds PEGO's term
 (away from the pre-trained weight and from the other skills' updates).
+``init="sdlora"`` is SD-LoRA (Wu et al., ICLR 2025): past skills are frozen
+directions whose magnitudes (one scalar per skill, shared by all its layers)
+train with the new task's LoRA, itself read as m_t B_t A_t with m_t from 0.8
+(the official code's). A magnitude is relative to the skill as trained and
+carries on to the next task, so the model is unchanged when a task starts (the
+official code divides a past direction by ||B|| ||A|| instead, which makes the
+sum jump at each task's start); the sum's weights are the magnitudes, kept in
+the skills' metadata.
 
 The head keeps old tasks too (``learners.heads``): a task trains only its own
 classes' rows (``mask_logits``) and every other row is restored bit for bit
@@ -34,10 +42,11 @@ from skillbank.route_stats import stats_from_features
 from . import heads as classifier
 from . import inflora
 from .base import Learner
-from .gates import raw_sites
+from .gates import param_groups as gated_groups
+from .gates import raw_sites, remove_gates
 from .regularisers import olora, overlap, pego
 
-INITS = ("lora", "inflora")
+INITS = ("lora", "inflora", "sdlora")
 
 
 def subspace_overlap(new: sb.Skill, past: list[sb.Skill]) -> float | None:
@@ -51,11 +60,24 @@ def subspace_overlap(new: sb.Skill, past: list[sb.Skill]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+class Magnitude(nn.Module):
+    """SD-LoRA's read of one adapter in one layer: a rank gate of the skill's magnitude,
+    one Parameter shared by every layer the skill adapts."""
+
+    def __init__(self, m: nn.Parameter, rank: int) -> None:
+        super().__init__()
+        self.m = m
+        self.rank = rank
+
+    def forward(self) -> torch.Tensor:
+        return self.m.expand(self.rank)
+
+
 @dataclass
 class Orthogonal(Learner):
-    """InfLoRA (default) or O-LoRA against every adapter already on the model (and, with
-    ``bank_where``, the bank's skills on the same base matching those filters, attached
-    and summed, whose InfLoRA memory and class statistics this learner continues).
+    """InfLoRA (default), O-LoRA or SD-LoRA against every adapter already on the model (and,
+    with ``bank_where``, the bank's skills on the same base matching those filters, attached
+    and summed, whose InfLoRA memory, magnitudes and class statistics this learner continues).
     ``bank_where`` is opt-in because a bank usually holds skills of other runs that
     must not join this model's sum."""
 
@@ -80,6 +102,7 @@ class Orthogonal(Learner):
     align_epochs: int = 5
     align_lr: float = 0.01
     bank_where: dict | None = None
+    magnitude: float = 0.8  # SD-LoRA: a new skill's magnitude before training
 
     _past: list = field(default_factory=list, init=False, repr=False, compare=False)
     _old_a: dict = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -91,6 +114,9 @@ class Orthogonal(Learner):
     # RouteStats of the head's input features, one per task learned
     class_stats: list = field(default_factory=list, init=False, repr=False, compare=False)
     tasks_seen: int = field(default=0, init=False, repr=False, compare=False)
+    # SD-LoRA: learned magnitude per skill name, and the live Parameters of this task's fit
+    magnitudes: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _mags: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -99,6 +125,8 @@ class Orthogonal(Learner):
             raise sb.ConfigError(
                 "need lam >= 0, pego_weight >= 0 and 0 < energy <= energy_end <= 1"
             )
+        if self.magnitude <= 0:
+            raise sb.ConfigError(f"magnitude must be positive, got {self.magnitude}")
         if self.n_tasks is not None and self.n_tasks <= 0:
             raise sb.ConfigError(f"n_tasks must be positive or None, got {self.n_tasks}")
         if min(self.cov_batches, self.align_samples, self.align_epochs) <= 0 or self.align_lr <= 0:
@@ -139,6 +167,8 @@ class Orthogonal(Learner):
             )
         if self.init == "inflora":
             self._inflora_init(model, task, layers, name)
+        elif self.init == "sdlora":
+            self._sdlora_gates(model, name)
 
     def _attach_from_bank(self, model: nn.Module, bank, name: str) -> None:
         paths = [layer.path for layer in sb.adapter_layers(model, name)]
@@ -166,6 +196,8 @@ class Orthogonal(Learner):
         for p, m in self.memory.items():
             memory[p] = inflora.union([m, memory[p]]) if p in memory else m
         self.memory = memory
+        for s in skills:
+            self.magnitudes.update(s.metadata.get("magnitudes") or {})
         self.class_stats += [s for s in found if s is not None]
         self.tasks_seen += len(skills)
 
@@ -183,6 +215,28 @@ class Orthogonal(Learner):
             for f in layer.adapter_factors(name):  # every site (q, k, v) reads the same inputs
                 f.copy_(a=a)
             layer.factor_parameters(name)[0].requires_grad_(False)
+
+    def _sdlora_gates(self, model: nn.Module, name: str) -> None:
+        """Read every skill of the sum through its magnitude, a Parameter shared by its layers."""
+        self._mags = {
+            n: nn.Parameter(torch.tensor(float(self.magnitudes.get(n, self.magnitude))))
+            for n in [*self._past, name]
+        }
+        for layer in sb.adapter_layers(model):
+            for n in layer.names():
+                if n in self._mags:
+                    m = self._mags[n]
+                    m.data = m.data.to(layer.base_weight().device)
+                    layer.add_rank_gate(n, Magnitude(m, layer.adapter_rank(n)))
+
+    def _drop_magnitudes(self, model: nn.Module, keep: bool) -> None:
+        """Take the SD-LoRA gates off, B as trained; with ``keep`` the magnitudes are kept
+        (they become the skills' weights in the sum)."""
+        if keep:
+            self.magnitudes |= {n: float(m.detach()) for n, m in self._mags.items()}
+        for n in self._mags:
+            remove_gates(model, n, fold=False)
+        self._mags = {}
 
     def _covariances(self, model: nn.Module, task, layers: list) -> dict[str, torch.Tensor]:
         return inflora.input_covariances(
@@ -205,6 +259,8 @@ class Orthogonal(Learner):
         """InfLoRA trains B alone, at ``lr``: LoRA+'s faster B balances a B against a training
         A, and with A frozen it only made B 16x faster, which (measured on split MNIST-5k)
         let B amplify old tasks' small residual inputs outside the memory and forget."""
+        if self.init == "sdlora":  # magnitudes at the factors' rate, as SD-LoRA trains them
+            return gated_groups(model, cfg.lr, cfg.b_ratio, cfg.weight_decay, gate_lr=cfg.lr)
         if self.init != "inflora":
             return sb.param_groups(
                 model, cfg.lr, b_ratio=cfg.b_ratio, weight_decay=cfg.weight_decay
@@ -237,8 +293,12 @@ class Orthogonal(Learner):
     # -------------------------------------------------------------- finish
     def abort(self, model: nn.Module, name: str) -> None:
         self._saved_head = {}
+        self._drop_magnitudes(model, keep=False)
 
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
+        if self.init == "sdlora":  # skills stay as trained; magnitudes weigh them in the sum
+            self._drop_magnitudes(model, keep=True)
+        self._activate_sum(model, name)  # the head's features (alignment) come from the sum
         head = classifier.linear_head(model, self.head) if self._saved_head else None
         if self.heads and head is not None:
             classifier.restore_rows(head, self._saved_head, task.classes)
@@ -277,5 +337,13 @@ class Orthogonal(Learner):
             memory={p: int(m.shape[1]) for p, m in self.memory.items()},
             align_loss=aligned,
         )
-        sb.set_active(model, self._past + [name])  # direct inference: every skill, summed
+        if self.init == "sdlora":
+            skill.metadata["magnitudes"] = dict(self.magnitudes)
+        self._activate_sum(model, name)
         return skill
+
+    def _activate_sum(self, model: nn.Module, name: str) -> None:
+        """Direct inference: every skill, summed (SD-LoRA: weighted by its magnitude)."""
+        names = [*self._past, name]
+        weights = [self.magnitudes.get(n, 1.0) for n in names] if self.init == "sdlora" else None
+        sb.set_active(model, names, weights)

@@ -246,9 +246,52 @@ def test_alignment_undoes_a_head_biased_to_the_newest_classes():
     assert before < 0.6 and accuracy() > 0.95
 
 
+def test_sdlora_learns_magnitudes_over_frozen_past_skills(after_first, digits_stream, tmp_path):
+    """SD-LoRA: the past skill's factors stay as trained, only its magnitude moves; the sum
+    runs with the learned magnitudes and a later run takes them over from the bank."""
+    model, first = copy.deepcopy(after_first[0]), after_first[1]
+    before = {
+        layer.path: [t.clone() for t in layer.factors_2d(first.name)]
+        for layer in sb.adapter_layers(model, first.name)
+    }
+    learner = Orthogonal(init="sdlora", align=False, train=FAST)
+    skill = learner.fit(model, digits_stream[1])
+    mags = skill.metadata["magnitudes"]
+    assert set(mags) == {first.name, skill.name}
+    assert mags[first.name] != pytest.approx(0.8)  # the past magnitude trained
+    for layer in sb.adapter_layers(model, first.name):
+        now = layer.factors_2d(first.name)
+        assert all(torch.equal(a, b) for a, b in zip(now, before[layer.path], strict=True))
+        assert layer.rank_gates(first.name) == [] and layer.rank_gates(skill.name) == []
+    assert dict(sb.active_adapters(model)) == pytest.approx(mags)
+    bank = sb.SkillBank.open(str(tmp_path / "bank"))
+    bank.add("second", skill, tags={"run": "r1"})
+    later = Orthogonal(init="sdlora", train=FAST)
+    later.continue_from(model, [bank.get("second")])
+    assert later.magnitudes == pytest.approx(mags)
+
+
+def test_sdlora_leaves_the_sum_unchanged_when_a_task_starts(after_first, digits_stream):
+    model = copy.deepcopy(after_first[0])
+    learner = Orthogonal(init="sdlora", align=False, train=FAST)
+    learner.fit(model, digits_stream[1])
+    x = digits_stream[0].x_test[:8]
+    with torch.no_grad():
+        expected = model(x)
+    learner.prepare(model, digits_stream[2], None, "third")  # gates on, the new B is zero
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    learner.abort(model, "third")
+    sb.remove_adapter(model, "third")
+    assert all(
+        layer.rank_gates(n) == [] for layer in sb.adapter_layers(model) for n in layer.names()
+    )
+
+
 def test_orthogonal_refuses_bad_settings():
     for bad in (
         {"init": "svd"},
+        {"magnitude": 0.0},
         {"energy": 0.0},
         {"energy": 0.99, "energy_end": 0.9},
         {"n_tasks": 0},
