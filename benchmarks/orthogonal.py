@@ -11,8 +11,9 @@ skills run unmerged. Medians of alternating runs; goal: merged <= 1.03x base.
 
 ``overlap``: the stream trained with the runner's defaults (10 epochs, lr 3e-3,
 rank 8) by plain LoRA, O-LoRA (``Orthogonal(init="lora")``, lambda 0.5),
-SD-LoRA (``Orthogonal(init="sdlora")``) and InfLoRA (``Orthogonal()``); per task, the overlap of its skill's A with the
-previous task's, ``||A_prev A^T||_F / (||A_prev||_F ||A||_F)`` averaged over sites.
+SD-LoRA (``Orthogonal(init="sdlora")``) and InfLoRA (``Orthogonal()``); per
+task, the overlap of its skill's A with the previous task's,
+``||A_prev A^T||_F / (||A_prev||_F ||A||_F)`` averaged over sites.
 Goals: InfLoRA <= 0.05; O-LoRA at least 10x below plain LoRA.
 """
 

@@ -218,16 +218,14 @@ class Orthogonal(Learner):
 
     def _sdlora_gates(self, model: nn.Module, name: str) -> None:
         """Read every skill of the sum through its magnitude, a Parameter shared by its layers."""
+        device = sb.adapter_layers(model, name)[0].base_weight().device
         self._mags = {
-            n: nn.Parameter(torch.tensor(float(self.magnitudes.get(n, self.magnitude))))
+            n: nn.Parameter(torch.tensor(self.magnitudes.get(n, self.magnitude), device=device))
             for n in [*self._past, name]
         }
         for layer in sb.adapter_layers(model):
-            for n in layer.names():
-                if n in self._mags:
-                    m = self._mags[n]
-                    m.data = m.data.to(layer.base_weight().device)
-                    layer.add_rank_gate(n, Magnitude(m, layer.adapter_rank(n)))
+            for n in (n for n in layer.names() if n in self._mags):
+                layer.add_rank_gate(n, Magnitude(self._mags[n], layer.adapter_rank(n)))
 
     def _drop_magnitudes(self, model: nn.Module, keep: bool) -> None:
         """Take the SD-LoRA gates off, B as trained; with ``keep`` the magnitudes are kept
@@ -298,7 +296,8 @@ class Orthogonal(Learner):
     def finish(self, model: nn.Module, task, name: str) -> sb.Skill:
         if self.init == "sdlora":  # skills stay as trained; magnitudes weigh them in the sum
             self._drop_magnitudes(model, keep=True)
-        self._activate_sum(model, name)  # the head's features (alignment) come from the sum
+        # direct inference from here on, and the head's features (alignment) come from the sum
+        self._activate_sum(model, name)
         head = classifier.linear_head(model, self.head) if self._saved_head else None
         if self.heads and head is not None:
             classifier.restore_rows(head, self._saved_head, task.classes)
@@ -339,7 +338,6 @@ class Orthogonal(Learner):
         )
         if self.init == "sdlora":
             skill.metadata["magnitudes"] = dict(self.magnitudes)
-        self._activate_sum(model, name)
         return skill
 
     def _activate_sum(self, model: nn.Module, name: str) -> None:
