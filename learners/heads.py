@@ -9,7 +9,7 @@ slices trained at different times: the newest rows fire too strongly.
 Classifier alignment (SLCA, InfLoRA+CA) retrains the rows of every seen class
 for a few epochs on features sampled from class Gaussians (each class's mean,
 its task's pooled within-class covariance), kept as ``RouteStats`` sums of the
-features the head reads.
+features the head reads (a skill's ``"head"`` statistics).
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ import skillbank as sb
 from skillbank.route_stats import RouteStats
 
 from .base import class_mask
-
-STATS = "ca.stats:"  # Skill.extras key prefix for a task's class statistics
 
 
 def linear_head(model: nn.Module, path: str | None, needs: str = "head slices need") -> nn.Linear:
@@ -49,17 +47,6 @@ def restore_rows(head: nn.Linear, saved: dict[str, torch.Tensor], classes) -> No
     keep[list(classes)] = False
     for k, t in head.state_dict().items():
         t[keep.to(t.device)] = saved[k][keep.to(saved[k].device)].to(t)
-
-
-def stats_extras(stats: RouteStats) -> dict[str, torch.Tensor]:
-    return {
-        STATS + k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in stats.to_arrays().items()
-    }
-
-
-def stats_from_extras(extras: dict[str, torch.Tensor], what: str) -> RouteStats | None:
-    arrays = {k[len(STATS) :]: t.numpy() for k, t in extras.items() if k.startswith(STATS)}
-    return RouteStats.from_arrays(arrays, what) if arrays else None
 
 
 def gaussians(stats: list[RouteStats], jitter: float = 1e-4):

@@ -22,7 +22,9 @@ The head keeps old tasks too (``learners.heads``): a task trains only its own
 classes' rows (``mask_logits``) and every other row is restored bit for bit
 (``heads=True``); classifier alignment (``align=True``, SLCA / InfLoRA+CA)
 then retrains the rows of every seen class a few epochs on features sampled
-from class Gaussians. Inference uses the sum of every skill, merged into the
+from class Gaussians, whose sums each skill carries as its ``"head"`` statistics
+(``Skill.stats``: the bank keeps them in its statistics table with the version,
+beside the routing set, so a later run continues them). Inference uses the sum of every skill, merged into the
 weights in eval mode (the base model's cost), and no task id
 (``inference = "direct"``).
 """
@@ -37,7 +39,7 @@ import torch.nn as nn
 
 import skillbank as sb
 from skillbank.embed import features
-from skillbank.route_stats import stats_from_features
+from skillbank.route_stats import HEAD, stats_from_features
 
 from . import heads as classifier
 from . import inflora
@@ -192,7 +194,7 @@ class Orthogonal(Learner):
         an earlier run on this base). Raises BaseMismatch, changing nothing, for skills of
         another base."""
         memory = inflora.memory_from_skills(model, skills)
-        found = [classifier.stats_from_extras(s.extras, f"statistics of {s.name}") for s in skills]
+        found = [s.stats.get(HEAD) for s in skills]
         for p, m in self.memory.items():
             memory[p] = inflora.union([m, memory[p]]) if p in memory else m
         self.memory = memory
@@ -309,12 +311,11 @@ class Orthogonal(Learner):
             for layer in layers:
                 self.memory[layer.path] = inflora.extend(covs[layer.path], self._span(layer), eps)
             extras |= inflora.memory_extras(self.memory)
-        aligned = None
+        aligned = stats = None
         if self.align and head is not None:
             feats = features(model, task.x_train, head=self.head, batch_size=256)
             stats = stats_from_features(feats, task.y_train)
             self.class_stats.append(stats)
-            extras |= classifier.stats_extras(stats)
             aligned = classifier.align(
                 head,
                 self.class_stats,
@@ -327,6 +328,8 @@ class Orthogonal(Learner):
         self.tasks_seen += 1
         skill = super().finish(model, task, name)
         skill.extras.update(extras)
+        if stats is not None:  # kept by the bank with the version, beside the routing set
+            skill.stats[HEAD] = stats
         past = [sb.Skill.from_model(model, n) for n in self._past]
         skill.metadata.update(
             overlap=subspace_overlap(skill, past),

@@ -23,7 +23,14 @@ from storage.names import parse_ref
 from .compose import compose as _compose
 from .embed import EXAMPLES, TEXT, TextEmbedder, features
 from .errors import ConfigError, InvalidEmbedding
-from .route_stats import MissingStats, RouteStats, stats_vectors
+from .route_stats import (
+    ROUTE,
+    MissingStats,
+    RouteStats,
+    sets_from_arrays,
+    sets_to_arrays,
+    stats_vectors,
+)
 from .skill import Skill
 
 
@@ -116,6 +123,7 @@ class SkillBank:
             allow_base_change: Accept a base model that differs from earlier versions.
             stats: Routing statistics kept with the version (``sb.compute_stats`` on
                 the bare base); its class prototypes go into the ``prototypes`` space.
+                The skill's own ``stats`` sets (e.g. ``"head"``) are kept beside it.
 
         Returns:
             The new version's ref (``name@N``).
@@ -131,10 +139,14 @@ class SkillBank:
                 if isinstance(embedding, Mapping)
                 else {EXAMPLES: np.asarray(embedding)}
             )
+        sets = dict(skill.stats)
         if stats is not None:
             if not isinstance(stats, RouteStats):
                 raise ConfigError(f"stats must be RouteStats, got {type(stats).__name__}")
-            spaces.update(stats_vectors(stats.check(f"statistics of {name}")))
+            sets[ROUTE] = stats
+        arrays = sets_to_arrays(sets)  # checks every set before anything is written
+        if ROUTE in sets:
+            spaces.update(stats_vectors(sets[ROUTE]))
         if description and embed_text is not False and TEXT not in spaces:
             try:
                 spaces[TEXT] = self.text_embedder(description)
@@ -162,37 +174,51 @@ class SkillBank:
             parents=parents,
             embeddings=spaces,
             allow_base_change=allow_base_change,
-            stats=None if stats is None else stats.to_arrays(),
+            stats=arrays or None,
         )
 
-    def put_stats(self, ref: str, stats: RouteStats) -> Ref:
-        """Routing statistics for a stored version that has none (one written by 0.1.0),
-        computed from its task's data with ``sb.compute_stats`` on the bare base."""
+    def put_stats(self, ref: str, stats: RouteStats, kind: str = ROUTE) -> Ref:
+        """Statistics set ``kind`` for a stored version that has none of it: routing
+        statistics for a version written by 0.1.0, computed from its task's data with
+        ``sb.compute_stats`` on the bare base. A set once stored never changes."""
         if not isinstance(stats, RouteStats):
             raise ConfigError(f"put_stats needs RouteStats, got {type(stats).__name__}")
-        stats.check(f"statistics of {ref}")
-        return self.library.put_stats(ref, stats.to_arrays(), stats_vectors(stats))
+        arrays = sets_to_arrays({kind: stats})
+        vectors = stats_vectors(stats) if kind == ROUTE else {}
+        return self.library.put_stats(ref, arrays, vectors)
 
     def route_stats(
-        self, refs: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None
+        self,
+        refs: Sequence[str] | None = None,
+        *,
+        where: Mapping[str, Any] | None = None,
+        kind: str = ROUTE,
     ) -> dict[str, RouteStats]:
-        """Routing statistics of ``refs`` (or of every version ``where`` allows), by ref.
+        """Statistics set ``kind`` (default: the routing set) of ``refs`` (or of every
+        version ``where`` allows), by ref.
 
         Raises ``MissingStats`` naming the versions that have none, with the fix."""
         found = self.library.stats(list(refs) if refs is not None else None, where)
-        lacking = sorted(str(r) for r, arrays in found.items() if arrays is None)
+        sets = {str(r): sets_from_arrays(a or {}, f"statistics of {r}") for r, a in found.items()}
+        lacking = sorted(r for r, named in sets.items() if kind not in named)
         if lacking:
             shown = ", ".join(lacking[:5]) + (
                 f" and {len(lacking) - 5} more" if len(lacking) > 5 else ""
             )
+            has = "has" if len(lacking) == 1 else "have"
+            if kind != ROUTE:
+                raise MissingStats(
+                    f"{shown} {has} no {kind!r} statistics: the learner that trained "
+                    f"{'it' if len(lacking) == 1 else 'them'} kept none"
+                )
             raise MissingStats(
-                f"{shown} {'has' if len(lacking) == 1 else 'have'} no routing statistics "
+                f"{shown} {has} no routing statistics "
                 "(added before skillbank 0.2 or without stats=); compute them from the task's "
                 "data on the bare base and store them: bank.put_stats(REF, "
                 "sb.compute_stats(model, x, y)), or re-add the skill with stats=; "
                 "the 'examples' router needs none"
             )
-        return {str(r): RouteStats.from_arrays(a, f"statistics of {r}") for r, a in found.items()}
+        return {r: named[kind] for r, named in sets.items()}
 
     def alias(self, ref: str, alias: str) -> Ref:
         """Point ``name@alias`` at a version; an existing alias moves.
@@ -290,6 +316,9 @@ class SkillBank:
         record = self.library.get(ref)
         skill = Skill.from_bytes(self.library.read(record.ref), what=str(record.ref))
         skill.metadata["ref"] = str(record.ref)
+        arrays = self.library.stats([record.ref])[record.ref] or {}
+        skill.stats = sets_from_arrays(arrays, f"statistics of {record.ref}")
+        skill.stats.pop(ROUTE, None)  # the routers' set: bank.route_stats reads it
         return skill
 
     def record(self, ref: str) -> VersionRecord:

@@ -18,7 +18,7 @@ Two feature kinds come from the same bare forward:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .adapters.calls import own_hooks
 from .embed import pre_logits
-from .errors import InvalidEmbedding, SkillbankError
+from .errors import ConfigError, InvalidEmbedding, SkillbankError
 
 INPUT = "input"  # the pseudo-layer of the input pixels
 GRID = 4  # token maps are pooled to at most GRID x GRID positions
@@ -267,6 +267,34 @@ def stats_from_features(
     ).check()
 
 
+ROUTE = "route"  # the set routers read: bare-backbone features, stored under plain keys
+HEAD = "head"  # the features a skill's classifier reads (the adapted model's), for alignment
+_SEP = ":"  # a set other than ROUTE is stored under "<set>:<key>"
+
+
+def sets_to_arrays(sets: Mapping[str, RouteStats]) -> dict[str, np.ndarray]:
+    """One flat key -> array mapping of named statistics sets for the catalog: the
+    routing set under its own keys (as 0.2 stored it), every other under ``set:key``."""
+    out: dict[str, np.ndarray] = {}
+    for name, stats in sets.items():
+        if not isinstance(stats, RouteStats):
+            raise ConfigError(f"statistics {name!r} must be RouteStats, got {type(stats).__name__}")
+        if not name.isidentifier():
+            raise ConfigError(f"a statistics set needs an identifier for a name, got {name!r}")
+        prefix = "" if name == ROUTE else name + _SEP
+        out |= {prefix + k: v for k, v in stats.check(f"statistics {name!r}").to_arrays().items()}
+    return out
+
+
+def sets_from_arrays(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, RouteStats]:
+    """The named sets ``sets_to_arrays`` stored (a version may hold any of them)."""
+    grouped: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        name, _, field_ = key.rpartition(_SEP)
+        grouped.setdefault(name or ROUTE, {})[field_] = value
+    return {n: RouteStats.from_arrays(a, f"{n} {what}") for n, a in grouped.items()}
+
+
 PROTOTYPES = "prototypes"  # FAISS space of class means (pooled feature), one row per class
 LAYER_STATS = "layer-stats"  # FAISS space of each skill's mean layer descriptor
 
@@ -298,15 +326,19 @@ def shrunk_covariance(stats: Sequence[RouteStats], shrink: float = 0.1) -> np.nd
 
 
 __all__ = [
+    "HEAD",
     "INPUT",
     "LAYER_STATS",
     "PROTOTYPES",
+    "ROUTE",
     "MissingStats",
     "RouteStats",
     "compute_stats",
     "default_layers",
     "pooled_within",
     "route_features",
+    "sets_from_arrays",
+    "sets_to_arrays",
     "shrunk_covariance",
     "stats_from_features",
     "stats_vectors",

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .adapters.layer import AdapterLayer
 from .errors import AdapterNotFound, BaseMismatch, CorruptFile
 from .fingerprint import Fingerprint, fingerprint
 from .safefile import check_finite, check_path, read_safetensors, real_number
+
+if TYPE_CHECKING:
+    from .route_stats import RouteStats
 
 FORMAT = 1
 _SITE = re.compile(r"(.*?)(\[[qkv]\])?")
@@ -57,6 +60,10 @@ class Skill:
         embeddings: Space -> task embedding rows, stored with the skill.
         metadata: Free JSON (learner, parents, source, ...).
         extras: Tensors a learner needs beyond factors and head.
+        stats: Statistics of the task's data by what they describe (``"head"``: the
+            features the classifier reads, for classifier alignment). ``bank.add``
+            keeps them in the catalog with the version and ``bank.get`` gives them
+            back; the file never holds them (one store for every statistic).
     """
 
     name: str
@@ -69,6 +76,7 @@ class Skill:
     metadata: dict[str, Any] = field(default_factory=dict)
     # tensors a learner needs beyond factors and head (e.g. PSEC's compositor)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, RouteStats] = field(default_factory=dict, compare=False, repr=False)
 
     # ------------------------------------------------------------ facts
     @property

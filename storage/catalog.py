@@ -400,19 +400,21 @@ class Catalog:
         stats: Mapping[str, np.ndarray],
         embeddings: Mapping[str, np.ndarray] | None = None,
     ) -> Ref:
-        """Give a version that has none its routing statistics (e.g. one written by 0.1.0),
-        with vectors in new spaces (normalised (n, d) float32), in one transaction.
+        """Give a version statistics it lacks (e.g. routing statistics for one written by
+        0.1.0), with vectors in new spaces (normalised (n, d) float32), in one transaction.
 
-        A version's statistics never change once set: refused when it has some, or
-        already has vectors in one of ``embeddings``' spaces."""
+        A version's statistics never change once set: refused when it already holds
+        one of the keys, or vectors in one of ``embeddings``' spaces."""
         embeddings = _checked_vectors(embeddings)
         with session_scope(self.engine, write=True) as s:
             row = self._resolve(s, ref)
             out = Ref(row.skill.name, row.version)
             clash = sorted(set(embeddings) & set(row.spaces))
-            if read_stats(s, [row.id]) or clash:
+            held = sorted(set(stats) & set(read_stats(s, [row.id]).get(row.id, {})))
+            if held or clash:
                 raise SkillExists(
-                    f"{out} already has routing statistics{f' or vectors in {clash}' if clash else ''}"
+                    f"{out} already has statistics {held}"
+                    f"{f' or vectors in {clash}' if clash else ''}"
                     "; versions are immutable: add a new version to change them"
                 )
             writes.insert_embeddings(s, row.id, embeddings)
@@ -421,7 +423,7 @@ class Catalog:
             return out
 
     def stats(self, refs: Iterable[str | Ref]) -> dict[Ref, dict[str, np.ndarray] | None]:
-        """Routing statistics of versions (None for a version without any)."""
+        """Statistics of versions as stored arrays (None for a version without any)."""
         with session_scope(self.engine) as s:
             ids = {}
             for r in refs:

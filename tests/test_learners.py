@@ -203,6 +203,9 @@ def test_inflora_memory_and_class_statistics_round_trip_through_the_bank(
     skill = first.fit(copy.deepcopy(base), digits_stream[0])
     bank = sb.SkillBank.open(str(tmp_path / "bank"))
     bank.add("first", skill, tags={"run": "r1"})
+    assert not any(k.startswith("ca.") for k in skill.extras)  # one store: the bank's table
+    kept = bank.route_stats(["first@1"], kind="head")["first@1"]
+    assert (kept.class_sums == first.class_stats[0].class_sums).all()
     later = Orthogonal(bank_where={"tags": {"run": "r1"}}, train=FAST)
     model = copy.deepcopy(base)
     later.fit(model, digits_stream[1], bank)

@@ -7,7 +7,7 @@ from alembic import command
 from helpers import Tiny, add_task, gaussian, skill_of, unit
 
 import skillbank as sb
-from skillbank.route_stats import PROTOTYPES, RouteStats, pooled_within
+from skillbank.route_stats import HEAD, PROTOTYPES, RouteStats, pooled_within, stats_from_features
 from storage.session import alembic_config, make_engine, schema_revision
 
 
@@ -52,6 +52,46 @@ def test_stats_round_trip_through_the_bank(model, catalog_url, tmp_path):
             np.testing.assert_array_equal(a, b)
         hits = bank.retrieve(stats.means()[1], k=1, space=PROTOTYPES)
         assert str(hits[0].ref) == ref
+
+
+def test_a_skills_own_statistics_sets_live_in_the_same_store(model, catalog_url, tmp_path):
+    """A learner's "head" statistics ride on the skill into the catalog's statistics
+    table, beside the routing set, and come back with bank.get; the file has none."""
+    x, y = data()
+    head = stats_from_features(
+        torch.randn(len(y), 5, generator=torch.Generator().manual_seed(1)), y
+    )
+    skill = skill_of(model, "a")
+    skill.stats[HEAD] = head
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        ref = str(bank.add("a", skill, embed_text=False))  # no routing set
+        assert PROTOTYPES not in bank.record(ref).spaces
+        assert not sb.Skill.from_bytes(skill.to_bytes()).stats
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        back = bank.get(ref).stats
+        assert set(back) == {HEAD}
+        for a, b in zip(back[HEAD].to_arrays().values(), head.to_arrays().values(), strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert bank.route_stats([ref], kind=HEAD)[ref].classes == head.classes
+        with pytest.raises(sb.MissingStats, match="a@1 has no routing statistics"):
+            bank.route_stats([ref])
+        bank.put_stats(ref, sb.compute_stats(model, x, y, head="head"))  # the set it lacked
+        assert bank.route_stats([ref])[ref].dim != head.dim
+        with pytest.raises(sb.SkillExists, match="immutable"):
+            bank.put_stats(ref, head, kind=HEAD)
+        assert set(bank.get(ref).stats) == {HEAD}  # the routing set stays the routers'
+
+
+def test_bad_statistics_sets_are_refused_before_anything_is_written(model, tmp_path):
+    skill = skill_of(model, "a")
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        skill.stats["not a name"] = sb.compute_stats(model, *data(), head="head")
+        with pytest.raises(sb.ConfigError, match="identifier"):
+            bank.add("a", skill, embed_text=False)
+        skill.stats = {HEAD: "means"}
+        with pytest.raises(sb.ConfigError, match="must be RouteStats"):
+            bank.add("a", skill, embed_text=False)
+        assert bank.list() == []
 
 
 def test_a_0_1_0_catalog_upgrades_and_still_routes(model, tmp_path):
