@@ -24,9 +24,9 @@ classes' rows (``mask_logits``) and every other row is restored bit for bit
 then retrains the rows of every seen class a few epochs on features sampled
 from class Gaussians, whose sums each skill carries as its ``"head"`` statistics
 (``Skill.stats``: the bank keeps them in its statistics table with the version,
-beside the routing set, so a later run continues them). Inference uses the sum of every skill, merged into the
-weights in eval mode (the base model's cost), and no task id
-(``inference = "direct"``).
+beside the routing set, so a later run continues them). Inference uses the sum
+of every skill, merged into the weights (in eval mode, or for good with
+``sb.merge``), and no task id (``inference = "direct"``).
 """
 
 from __future__ import annotations
