@@ -148,7 +148,11 @@ class Router:
         """Each row's ``k`` best skills and scores from the router (one bare forward)."""
         with self.disabled():
             pooled, desc = route_features(
-                self.model, x, layers=self.router.layers(self.model), head=self.head
+                self.model,
+                x,
+                layers=self.router.layers(self.model),
+                head=self.head,
+                pooled=self.router.uses_pooled,
             )
         return self.router.rank(pooled, desc, k)
 

@@ -70,6 +70,10 @@ def _descriptor(out: torch.Tensor) -> torch.Tensor:
     return F.adaptive_avg_pool2d(grid, size).flatten(1)
 
 
+class _Caught(Exception):
+    """Every hooked layer has given its output: the rest of the forward is not needed."""
+
+
 @torch.no_grad()
 def route_features(
     model: nn.Module,
@@ -78,27 +82,44 @@ def route_features(
     layers: Sequence[str] = (),
     head: str | None = None,
     batch_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    pooled: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(pooled (N, d) L2-normalised, layer descriptor (N, e) or None) from ONE forward.
 
     Intermediate outputs are caught with forward hooks on the same pass that
-    gives the pooled feature, so routing costs one backbone pass. Call it with
-    the adapters off (``with sb.disabled(model):``).
+    gives the pooled feature, so routing costs one backbone pass. With
+    ``pooled=False`` (a router that reads layers only) the pass stops at the last
+    of ``layers`` and the pooled feature is None: an early layer costs a fraction
+    of the pass. Call it with the adapters off (``with sb.disabled(model):``).
     """
+    if not pooled and not layers:
+        raise ConfigError("route_features needs layers when the pooled feature is not wanted")
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     mods = {n: model.get_submodule(n) for n in layers if n != INPUT}
     caught: dict[str, torch.Tensor] = {}
     names = list(mods)
-    pooled, desc = [], []
+    feats, desc = [], []
+
+    def catch(j: int, _inputs, out) -> None:
+        caught[names[j]] = out
+        if not pooled and len(caught) == len(names):
+            raise _Caught
+
     try:
         # hooks of this call only: another thread's pass through these modules is not caught
-        with own_hooks(list(mods.values()), lambda j, _i, o: caught.__setitem__(names[j], o)):
+        with own_hooks(list(mods.values()), catch):
             for chunk in x.split(batch_size):
                 chunk = chunk.to(device, non_blocking=True)
                 caught.clear()
-                pooled.append(pre_logits(model, chunk, head).float().flatten(1))
+                if pooled:
+                    feats.append(pre_logits(model, chunk, head).float().flatten(1))
+                elif names:
+                    try:
+                        model(chunk)
+                    except _Caught:
+                        pass
                 if layers:
                     desc.append(
                         torch.cat(
@@ -108,7 +129,7 @@ def route_features(
     finally:
         if was_training:  # else eval() left it in eval mode: no second walk of the modules
             model.train()
-    f = F.normalize(torch.cat(pooled), dim=1).cpu()
+    f = F.normalize(torch.cat(feats), dim=1).cpu() if pooled else None
     return f, (torch.cat(desc).cpu() if desc else None)
 
 

@@ -44,6 +44,7 @@ class BaseRouter:
     name: ClassVar[str] = ""
     space: ClassVar[str] = EXAMPLES
     uses_layers: ClassVar[bool] = False
+    uses_pooled: ClassVar[bool] = True  # False: the bare pass stops after the layers read
 
     def __init__(
         self,
@@ -215,6 +216,7 @@ class StatsRouter(BaseRouter):
     name = "stats"
     space = LAYER_STATS
     uses_layers = True
+    uses_pooled = False
 
     def refresh(self) -> None:
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -229,8 +231,10 @@ class StatsRouter(BaseRouter):
 
     def log_likelihoods(self, x: np.ndarray, refs: list[list[str]]) -> np.ndarray:
         """(rows x candidates): each row's candidates' diagonal-Gaussian log-likelihood
-        of the layer features ``x``, averaged per dimension; only the (row, candidate)
-        pairs are computed, so the cost follows the candidates, not the bank."""
+        of the layer features ``x``, averaged per dimension. The cost follows the
+        candidates, not the bank: few distinct candidates (a small bank, or rows that
+        agree) are scored against every row by three matrix products; many, only
+        where a row names them."""
         skills, idx, valid = _columns(refs)
         for r in skills:
             if self._moments[r][0].shape[0] != x.shape[1]:
@@ -238,9 +242,16 @@ class StatsRouter(BaseRouter):
                     f"layer features are {x.shape[1]}-d, {r}'s statistics "
                     f"{self._moments[r][0].shape[0]}-d"
                 )
-        mean = np.stack([self._moments[r][0] for r in skills])[idx]  # rows x width x d
+        mean = np.stack([self._moments[r][0] for r in skills])
         var = np.stack([self._moments[r][1] for r in skills])
-        out = -0.5 * (((x[:, None, :] - mean) ** 2 / var[idx]) + np.log(var)[idx]).mean(-1)
+        if len(skills) <= 16 * idx.shape[1]:  # (x - m)^2 / v expanded: BLAS, no 3-d temporary
+            inv = 1.0 / var
+            quad = (x * x) @ inv.T - 2.0 * (x @ (mean * inv).T) + (mean * mean * inv).sum(1)
+            by_skill = -0.5 * (quad + np.log(var).sum(1)) / x.shape[1]
+            out = np.take_along_axis(by_skill, idx, axis=1)
+        else:
+            out = -0.5 * (((x[:, None, :] - mean[idx]) ** 2 / var[idx]) + np.log(var)[idx])
+            out = out.mean(-1)
         return np.where(valid, out, -np.inf)
 
     def rank(self, pooled, desc, k):
@@ -275,6 +286,7 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
 
     name = "fused"
     space = PROTOTYPES
+    uses_pooled = True
 
     def refresh(self) -> None:
         MahalanobisRouter.refresh(self)

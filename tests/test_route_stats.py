@@ -181,3 +181,20 @@ def test_default_layers_follow_the_architecture():
     assert default_layers(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))) == (
         INPUT,
     )
+
+
+def test_layer_features_alone_stop_the_pass_at_the_last_layer(model):
+    """A router that reads layers only (``stats``) pays for the layers, not the whole pass."""
+    x, _ = data()
+    calls = []
+    model.head.register_forward_hook(lambda *_: calls.append(1))
+    pooled, full = sb.route_stats.route_features(model, x, layers=("patch_embed",), head="head")
+    ran = len(calls)
+    none, early = sb.route_stats.route_features(
+        model, x, layers=("patch_embed",), head="head", pooled=False
+    )
+    assert pooled is not None and none is None
+    torch.testing.assert_close(early, full, rtol=0, atol=0)
+    assert ran > 0 and len(calls) == ran  # the head never ran the second time
+    with pytest.raises(sb.ConfigError, match="needs layers"):
+        sb.route_stats.route_features(model, x, pooled=False)

@@ -6,6 +6,7 @@ import torch
 from helpers import TINY_DIM, Tiny, add_task, gaussian, unit
 
 import skillbank as sb
+from skillbank.routers import make_router
 
 
 @pytest.fixture
@@ -129,3 +130,21 @@ def test_nan_features_are_refused(model, bank):
     for router in ("examples", "prototype", "mahalanobis", "stats"):
         with pytest.raises(sb.InvalidEmbedding, match="NaN"):
             sb.route(model, bank, bad, router=router, head="head")
+
+
+@pytest.mark.parametrize("width", [2, 16])  # 40 skills: the per-pair path, then the BLAS one
+def test_stats_scores_are_the_diagonal_gaussian_log_likelihood(width):
+    rng = np.random.default_rng(0)
+    router = make_router("stats", bank=None)
+    skills = [f"s{i}@1" for i in range(40)]
+    router._moments = {r: (rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)) for r in skills}
+    x = rng.normal(size=(20, 6))
+    refs = [list(rng.choice(skills, size=width, replace=False)) for _ in x]
+    refs[0] = refs[0][:1]  # a row with fewer candidates than the others
+    got = router.log_likelihoods(x, refs)
+    for i, row in enumerate(refs):
+        for j, r in enumerate(row):
+            mean, var = router._moments[r]
+            want = -0.5 * (((x[i] - mean) ** 2 / var) + np.log(var)).mean()
+            assert got[i, j] == pytest.approx(want, rel=1e-9, abs=1e-9)
+    assert np.isneginf(got[0, 1:]).all()
