@@ -140,7 +140,9 @@ class RouteStats:
     ``classes[i]`` is the label of row i of ``class_sums`` / ``counts``;
     ``scatter`` is ``sum f f^T`` over every sample's pooled feature f;
     ``layer_sums`` / ``layer_squares`` are per-dimension sums of the layer
-    descriptor from ``layers`` (empty when no layer was asked for).
+    descriptor from ``layers`` (None when no layer was asked for), one row per
+    class like ``class_sums`` ((C, e); statistics stored by 0.2 have the
+    skill's sums alone, (e,)).
     """
 
     classes: tuple[int, ...]
@@ -168,11 +170,26 @@ class RouteStats:
         return self.scatter - (self.class_sums.T / self.counts) @ self.class_sums
 
     def layer_moments(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, variance) per dimension of the layer descriptor."""
+        """(mean, variance) per dimension of the layer descriptor over all the skill's data."""
         if self.layer_sums is None:
             raise MissingStats("these statistics were computed without layers")
-        mean = self.layer_sums / self.n
-        return mean, np.maximum(self.layer_squares / self.n - mean**2, 0.0)
+        sums, squares = (a.reshape(-1, a.shape[-1]).sum(0) for a in self._layer_arrays())
+        mean = sums / self.n
+        return mean, np.maximum(squares / self.n - mean**2, 0.0)
+
+    def class_layer_moments(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(means, variances), (C, e): the layer descriptor per class (domain *and* class:
+        a rotated 3 is told from a rotated 8); None for statistics stored by 0.2."""
+        sums, squares = self._layer_arrays()
+        if sums.ndim == 1:
+            return None
+        mean = sums / self.counts[:, None]
+        return mean, np.maximum(squares / self.counts[:, None] - mean**2, 0.0)
+
+    def _layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.layer_sums is None:
+            raise MissingStats("these statistics were computed without layers")
+        return self.layer_sums, self.layer_squares
 
     def check(self, what: str = "statistics") -> RouteStats:
         """Shapes agree and every number is finite and sane; raises InvalidEmbedding."""
@@ -188,9 +205,14 @@ class RouteStats:
         elif (self.counts <= 0).any():
             problems.append("a class with no samples")
         if (self.layer_sums is None) != (not self.layers) or (
-            self.layers and self.layer_sums.shape != self.layer_squares.shape
+            self.layers
+            and (
+                self.layer_sums.shape != self.layer_squares.shape
+                or self.layer_sums.ndim not in (1, 2)
+                or (self.layer_sums.ndim == 2 and len(self.layer_sums) != c)
+            )
         ):
-            problems.append("layer sums do not match the layer names")
+            problems.append("layer sums do not match the layer names and classes")
         arrays = [self.counts, self.class_sums, self.scatter]
         arrays += [self.layer_sums, self.layer_squares] if self.layers else []
         if not problems and not all(np.isfinite(a).all() for a in arrays):
@@ -283,8 +305,8 @@ def stats_from_features(
         (onehot.T @ f64).numpy(),
         (f64.T @ f64).numpy(),
         layers,
-        None if d is None else d.sum(0).numpy(),
-        None if d is None else (d * d).sum(0).numpy(),
+        None if d is None else (onehot.T @ d).numpy(),
+        None if d is None else (onehot.T @ (d * d)).numpy(),
     ).check()
 
 

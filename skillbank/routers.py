@@ -187,8 +187,9 @@ class MahalanobisRouter(BaseRouter):
         cov = (1 - self.shrink) * cov + self.shrink * (np.trace(cov) / d + 1e-12) * np.eye(d)
         self._precision = np.linalg.inv(cov)
 
-    def distances(self, pooled: torch.Tensor, skills: list[str]) -> np.ndarray:
-        """(rows, skills): squared Mahalanobis distance to each skill's nearest class mean."""
+    def class_distances(self, pooled: torch.Tensor, skills: list[str]) -> np.ndarray:
+        """(rows, skills, most classes of one skill): squared Mahalanobis distance to each
+        class mean of each skill, in the order of its statistics; +inf past its classes."""
         if pooled.shape[1] != self._precision.shape[0]:
             raise InvalidEmbedding(
                 f"routing features are {pooled.shape[1]}-d, the bank's statistics "
@@ -196,13 +197,18 @@ class MahalanobisRouter(BaseRouter):
             )
         means = [self.stats(r).means() for r in skills]
         owner = np.concatenate([np.full(len(m), j) for j, m in enumerate(means)])
+        slot = np.concatenate([np.arange(len(m)) for m in means])
         mu = np.concatenate(means)  # (G, d) class means of every candidate
         f = pooled.double().numpy()
         fp, mp = f @ self._precision, mu @ self._precision
         dist = (fp * f).sum(1)[:, None] - 2 * fp @ mu.T + (mp * mu).sum(1)[None, :]
-        per_skill = np.full((len(f), len(skills)), np.inf)
-        np.minimum.at(per_skill, (slice(None), owner), dist)  # nearest class of each skill
-        return per_skill
+        out = np.full((len(f), len(skills), max(len(m) for m in means)), np.inf)
+        out[:, owner, slot] = dist
+        return out
+
+    def distances(self, pooled: torch.Tensor, skills: list[str]) -> np.ndarray:
+        """(rows, skills): squared Mahalanobis distance to each skill's nearest class mean."""
+        return self.class_distances(pooled, skills).min(-1)
 
     def rank(self, pooled, desc, k):
         self._fresh_stats()
@@ -213,6 +219,11 @@ class MahalanobisRouter(BaseRouter):
 
 
 class StatsRouter(BaseRouter):
+    """A diagonal Gaussian per class of each skill over the layer descriptor (where a
+    sample comes from *and* what it is: a rotated 3 is told from a rotated 8, which a
+    Gaussian of the whole skill blurs together); a skill scores by its best class.
+    Statistics stored by 0.2 have one Gaussian per skill and score with it."""
+
     name = "stats"
     space = LAYER_STATS
     uses_layers = True
@@ -226,32 +237,56 @@ class StatsRouter(BaseRouter):
                     f"{ref} has statistics of layers {list(st.layers)}, the router reads "
                     f"{list(self._layers)}"
                 )
-            mean, var = st.layer_moments()
-            self._moments[ref] = (mean, (1 - self.shrink) * var + self.shrink * var.mean() + 1e-8)
+            mean, var = st.class_layer_moments() or (m[None] for m in st.layer_moments())
+            var = (1 - self.shrink) * var + self.shrink * var.mean(1, keepdims=True) + 1e-8
+            self._moments[ref] = (mean, var)
 
-    def log_likelihoods(self, x: np.ndarray, refs: list[list[str]]) -> np.ndarray:
-        """(rows x candidates): each row's candidates' diagonal-Gaussian log-likelihood
-        of the layer features ``x``, averaged per dimension. The cost follows the
-        candidates, not the bank: few distinct candidates (a small bank, or rows that
-        agree) are scored against every row by three matrix products; many, only
-        where a row names them."""
+    def log_likelihoods(
+        self, x: np.ndarray, refs: list[list[str]], extra: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(rows x candidates): each row's candidates' best class by the diagonal-Gaussian
+        log-likelihood of the layer features ``x``, averaged per dimension, plus
+        ``extra[row, skill, class]`` (skills as ``_unique(refs)``) when given.
+
+        The cost follows the candidates, not the bank: few distinct candidates (a small
+        bank, or rows that agree) are scored against every row by three matrix
+        products; many, only where a row names them."""
         skills, idx, valid = _columns(refs)
         for r in skills:
-            if self._moments[r][0].shape[0] != x.shape[1]:
+            if self._moments[r][0].shape[1] != x.shape[1]:
                 raise InvalidEmbedding(
                     f"layer features are {x.shape[1]}-d, {r}'s statistics "
-                    f"{self._moments[r][0].shape[0]}-d"
+                    f"{self._moments[r][0].shape[1]}-d"
                 )
-        mean = np.stack([self._moments[r][0] for r in skills])
-        var = np.stack([self._moments[r][1] for r in skills])
-        if len(skills) <= 16 * idx.shape[1]:  # (x - m)^2 / v expanded: BLAS, no 3-d temporary
-            inv = 1.0 / var
-            quad = (x * x) @ inv.T - 2.0 * (x @ (mean * inv).T) + (mean * mean * inv).sum(1)
-            by_skill = -0.5 * (quad + np.log(var).sum(1)) / x.shape[1]
-            out = np.take_along_axis(by_skill, idx, axis=1)
-        else:
-            out = -0.5 * (((x[:, None, :] - mean[idx]) ** 2 / var[idx]) + np.log(var)[idx])
-            out = out.mean(-1)
+        width = max(len(self._moments[r][0]) for r in skills)
+        mean = np.zeros((len(skills), width, x.shape[1]))
+        var = np.ones_like(mean)
+        real = np.zeros((len(skills), width), dtype=bool)
+        for j, r in enumerate(skills):
+            m, v = self._moments[r]
+            mean[j, : len(m)], var[j, : len(m)], real[j, : len(m)] = m, v, True
+        logdet = np.log(var).sum(-1)
+        if len(skills) * width <= 16 * idx.shape[1]:  # (x - m)^2 / v expanded: BLAS
+            inv = (1.0 / var).reshape(-1, x.shape[1])
+            quad = (x * x) @ inv.T - 2.0 * (x @ (mean.reshape(-1, x.shape[1]) * inv).T)
+            quad = quad + (mean.reshape(-1, x.shape[1]) ** 2 * inv).sum(1)
+            by_class = (-0.5 * (quad + logdet.reshape(-1)) / x.shape[1]).reshape(
+                len(x), *real.shape
+            )
+            if extra is not None:
+                by_class = by_class + extra
+            best = np.where(real, by_class, -np.inf).max(-1)
+            out = np.take_along_axis(best, idx, axis=1)
+        else:  # per candidate column: rows x classes x d at a time, never the whole bank
+            rows = np.arange(len(x))
+            out = np.empty(idx.shape)
+            for c in range(idx.shape[1]):
+                s = idx[:, c]
+                quad = ((x[:, None, :] - mean[s]) ** 2 / var[s]).sum(-1)
+                score = -0.5 * (quad + logdet[s]) / x.shape[1]
+                if extra is not None:
+                    score = score + extra[rows, s]
+                out[:, c] = np.where(real[s], score, -np.inf).max(-1)
         return np.where(valid, out, -np.inf)
 
     def rank(self, pooled, desc, k):
@@ -276,8 +311,9 @@ class StatsRouter(BaseRouter):
 
 
 class FusedRouter(StatsRouter, MahalanobisRouter):
-    """``mahalanobis`` and ``stats`` together: what a sample is (its class under the
-    pooled feature) and where it comes from (its domain under the layer statistics).
+    """``mahalanobis`` and ``stats`` together, class by class: what a sample is (its
+    class under the pooled feature) and where it comes from (the layer statistics of
+    that class in that skill); a skill scores by its best class.
 
     Each score is a Gaussian log-likelihood per dimension (the Mahalanobis term is
     ``-d^2 / 2d``), so neither outweighs the other by its width; candidates are the
@@ -298,8 +334,14 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
         by_class, _ = self._retrieve(pooled, max(k, self.candidates))
         by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
         refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
-        class_ll = -self.distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
-        return self._topk(refs, self._per_row(refs, class_ll) + self.log_likelihoods(x, refs), k)
+        skills = _unique(refs)
+        class_ll = -self.class_distances(pooled, skills) / (2 * pooled.shape[1])
+        groups = [len(self._moments[r][0]) for r in skills]
+        for j, g in enumerate(groups):
+            if g == 1:  # 0.2 statistics: one layer Gaussian for all the skill's classes
+                class_ll[:, j, 0] = class_ll[:, j].max(-1)
+        class_ll = class_ll[:, :, : max(groups)]
+        return self._topk(refs, self.log_likelihoods(x, refs, extra=class_ll), k)
 
 
 ROUTERS: dict[str, type[BaseRouter]] = {

@@ -1,9 +1,11 @@
 """Routers on synthetic Gaussians whose right answer is known, plus re-ranking and bad input."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_DIM, Tiny, add_task, gaussian, unit
+from helpers import TINY_DIM, Tiny, add_task, gaussian, skill_of, unit
 
 import skillbank as sb
 from skillbank.routers import make_router
@@ -82,6 +84,68 @@ def test_fused_router_sees_both_the_class_and_the_domain(model, bank):
     assert accuracy(model, bank, test, [a, b, c], router="mahalanobis") <= 0.85
 
 
+def _crossed_domains():
+    """Two domains whose classes sit on crossed diagonals: each domain's data has mean
+    0 and variance 4 in every dimension, so one diagonal Gaussian per skill is the
+    same for both; per class they differ."""
+    d1, d2 = unit(0, 2.0) + unit(1, 2.0), unit(0, 2.0) - unit(1, 2.0)
+    ys = [torch.zeros(200), torch.ones(200)]
+    train = {"a": [d1, -d1], "b": [d2, -d2]}
+    return train, ys
+
+
+def _add_with(bank, model, name, xs, ys, per_class: bool) -> str:
+    x, y = torch.cat(xs), torch.cat(ys)
+    stats = sb.compute_stats(model, x, y, head="head")
+    if not per_class:  # as skillbank 0.2 stored them: the skill's layer sums alone
+        stats = dataclasses.replace(
+            stats, layer_sums=stats.layer_sums.sum(0), layer_squares=stats.layer_squares.sum(0)
+        )
+    return str(bank.add(name, skill_of(model, name), stats=stats, embed_text=False))
+
+
+def test_stats_router_keeps_a_gaussian_per_class_of_each_skill(model, tmp_path):
+    train, ys = _crossed_domains()
+    test = [gaussian(m, 0.5, 50, 20 + i) for i, m in enumerate(train["a"] + train["b"])]
+    scores = {}
+    for per_class in (True, False):
+        with sb.SkillBank.open(tmp_path / f"bank-{per_class}") as bank:
+            refs = {
+                n: _add_with(
+                    bank,
+                    model,
+                    n,
+                    [gaussian(m, 0.5, 200, i) for i, m in enumerate(ms)],
+                    ys,
+                    per_class,
+                )
+                for n, ms in train.items()
+            }
+            want = [refs["a"], refs["a"], refs["b"], refs["b"]]
+            scores[per_class] = accuracy(model, bank, test, want, router="stats")
+    assert scores[True] >= 0.95 and scores[False] <= 0.75, scores
+
+
+def test_statistics_of_0_2_and_per_class_ones_route_side_by_side(model, bank):
+    train, ys = _crossed_domains()
+    a = _add_with(
+        bank, model, "a", [gaussian(m, 0.5, 200, i) for i, m in enumerate(train["a"])], ys, True
+    )
+    b = _add_with(
+        bank,
+        model,
+        "b",
+        [gaussian(m, 0.5, 200, 9 + i) for i, m in enumerate(train["b"])],
+        ys,
+        False,
+    )
+    test = [gaussian(m, 0.5, 50, 20 + i) for i, m in enumerate(train["a"] + train["b"])]
+    for router in ("stats", "fused"):
+        got = sb.route(model, bank, torch.cat(test), head="head", router=router).refs
+        assert set(got) <= {a, b}
+    assert accuracy(model, bank, test, [a, a, b, b], router="fused") >= 0.95
+
+
 def test_rerank_keeps_the_candidate_the_adapted_model_is_sure_of(model, bank):
     x = gaussian(unit(0, 3), 0.3, 40, 1)
     ys = [torch.zeros(40)]
@@ -132,19 +196,27 @@ def test_nan_features_are_refused(model, bank):
             sb.route(model, bank, bad, router=router, head="head")
 
 
-@pytest.mark.parametrize("width", [2, 16])  # 40 skills: the per-pair path, then the BLAS one
-def test_stats_scores_are_the_diagonal_gaussian_log_likelihood(width):
+@pytest.mark.parametrize("width", [2, 16])  # 40 skills: per candidate column, then BLAS
+def test_stats_scores_are_each_skills_best_class_likelihood(width):
     rng = np.random.default_rng(0)
     router = make_router("stats", bank=None)
     skills = [f"s{i}@1" for i in range(40)]
-    router._moments = {r: (rng.normal(size=6), rng.uniform(0.5, 2.0, size=6)) for r in skills}
+    router._moments = {  # 1 to 3 classes per skill, 6-d descriptor
+        r: (rng.normal(size=(n, 6)), rng.uniform(0.5, 2.0, size=(n, 6)))
+        for r, n in zip(skills, rng.integers(1, 4, size=len(skills)), strict=True)
+    }
     x = rng.normal(size=(20, 6))
     refs = [list(rng.choice(skills, size=width, replace=False)) for _ in x]
     refs[0] = refs[0][:1]  # a row with fewer candidates than the others
-    got = router.log_likelihoods(x, refs)
-    for i, row in enumerate(refs):
-        for j, r in enumerate(row):
-            mean, var = router._moments[r]
-            want = -0.5 * (((x[i] - mean) ** 2 / var) + np.log(var)).mean()
-            assert got[i, j] == pytest.approx(want, rel=1e-9, abs=1e-9)
-    assert np.isneginf(got[0, 1:]).all()
+    order = sorted({r for row in refs for r in row})
+    extra = rng.normal(size=(len(x), len(order), 3))  # e.g. fused's class term
+    for bonus in (None, extra):
+        got = router.log_likelihoods(x, refs, extra=bonus)
+        for i, row in enumerate(refs):
+            for j, r in enumerate(row):
+                mean, var = router._moments[r]
+                ll = -0.5 * (((x[i] - mean) ** 2 / var) + np.log(var)).mean(-1)
+                if bonus is not None:
+                    ll = ll + bonus[i, order.index(r), : len(mean)]
+                assert got[i, j] == pytest.approx(ll.max(), rel=1e-9, abs=1e-9)
+        assert np.isneginf(got[0, 1:]).all()
