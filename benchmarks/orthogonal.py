@@ -129,7 +129,9 @@ def overlap(stream_name: str, seed: int) -> None:
         table.add_column(t.name)
     table.add_column("ACC")
     for label, (values, acc) in rows.items():
-        table.add_row(label, *(f"{v:.4f}" for v in values), f"{100 * acc:.1f}")
+        table.add_row(
+            label, *(f"{v:.4f}" if v >= 1e-3 else f"{v:.1e}" for v in values), f"{100 * acc:.1f}"
+        )
     plain = rows["plain LoRA"][0]
     olora = rows["O-LoRA (lambda 0.5)"][0]
     table.add_row(
