@@ -265,16 +265,16 @@ class StatsRouter(BaseRouter):
         for j, r in enumerate(skills):
             m, v = self._moments[r]
             mean[j, : len(m)], var[j, : len(m)], real[j, : len(m)] = m, v, True
-        logdet = np.log(var).sum(-1)
-        if len(skills) * width <= 16 * idx.shape[1]:  # (x - m)^2 / v expanded: BLAS
-            inv = (1.0 / var).reshape(-1, x.shape[1])
-            quad = (x * x) @ inv.T - 2.0 * (x @ (mean.reshape(-1, x.shape[1]) * inv).T)
-            quad = quad + (mean.reshape(-1, x.shape[1]) ** 2 * inv).sum(1)
-            by_class = (-0.5 * (quad + logdet.reshape(-1)) / x.shape[1]).reshape(
-                len(x), *real.shape
-            )
-            if extra is not None:
-                by_class = by_class + extra
+        # sum (x - m)^2 / v + log v, expanded: x^2 . (1/v) - 2 x . (m/v) + const
+        inv = 1.0 / var
+        minv = mean * inv
+        const = (mean * minv).sum(-1) + np.log(var).sum(-1)
+        x2 = x * x
+        if len(skills) * width <= 16 * idx.shape[1]:  # every row against every class: BLAS
+            d = x.shape[1]
+            quad = x2 @ inv.reshape(-1, d).T - 2.0 * (x @ minv.reshape(-1, d).T)
+            by_class = (quad + const.reshape(-1)).reshape(len(x), *real.shape)
+            by_class = -0.5 * by_class / d + (0.0 if extra is None else extra)
             best = np.where(real, by_class, -np.inf).max(-1)
             out = np.take_along_axis(best, idx, axis=1)
         else:  # per candidate column: rows x classes x d at a time, never the whole bank
@@ -282,8 +282,8 @@ class StatsRouter(BaseRouter):
             out = np.empty(idx.shape)
             for c in range(idx.shape[1]):
                 s = idx[:, c]
-                quad = ((x[:, None, :] - mean[s]) ** 2 / var[s]).sum(-1)
-                score = -0.5 * (quad + logdet[s]) / x.shape[1]
+                quad = (inv[s] @ x2[:, :, None] - 2.0 * (minv[s] @ x[:, :, None]))[..., 0]
+                score = -0.5 * (quad + const[s]) / x.shape[1]
                 if extra is not None:
                     score = score + extra[rows, s]
                 out[:, c] = np.where(real[s], score, -np.inf).max(-1)
