@@ -177,12 +177,14 @@ class RouteStats:
         mean = sums / self.n
         return mean, np.maximum(squares / self.n - mean**2, 0.0)
 
-    def class_layer_moments(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def class_layer_moments(self) -> tuple[np.ndarray, np.ndarray]:
         """(means, variances), (C, e): the layer descriptor per class (domain *and* class:
-        a rotated 3 is told from a rotated 8); None for statistics stored by 0.2."""
+        a rotated 3 is told from a rotated 8). Statistics stored by 0.2 hold the skill's
+        sums alone: every class then gets the skill's moments."""
         sums, squares = self._layer_arrays()
         if sums.ndim == 1:
-            return None
+            mean, var = self.layer_moments()
+            return np.tile(mean, (len(self.classes), 1)), np.tile(var, (len(self.classes), 1))
         mean = sums / self.counts[:, None]
         return mean, np.maximum(squares / self.counts[:, None] - mean**2, 0.0)
 

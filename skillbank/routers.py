@@ -222,7 +222,7 @@ class StatsRouter(BaseRouter):
     """A diagonal Gaussian per class of each skill over the layer descriptor (where a
     sample comes from *and* what it is: a rotated 3 is told from a rotated 8, which a
     Gaussian of the whole skill blurs together); a skill scores by its best class.
-    Statistics stored by 0.2 have one Gaussian per skill and score with it."""
+    Statistics stored by 0.2 give every class the skill's one Gaussian."""
 
     name = "stats"
     space = LAYER_STATS
@@ -237,7 +237,7 @@ class StatsRouter(BaseRouter):
                     f"{ref} has statistics of layers {list(st.layers)}, the router reads "
                     f"{list(self._layers)}"
                 )
-            mean, var = st.class_layer_moments() or (m[None] for m in st.layer_moments())
+            mean, var = st.class_layer_moments()
             var = (1 - self.shrink) * var + self.shrink * var.mean(1, keepdims=True) + 1e-8
             self._moments[ref] = (mean, var)
 
@@ -334,13 +334,7 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
         by_class, _ = self._retrieve(pooled, max(k, self.candidates))
         by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
         refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
-        skills = _unique(refs)
-        class_ll = -self.class_distances(pooled, skills) / (2 * pooled.shape[1])
-        groups = [len(self._moments[r][0]) for r in skills]
-        for j, g in enumerate(groups):
-            if g == 1:  # 0.2 statistics: one layer Gaussian for all the skill's classes
-                class_ll[:, j, 0] = class_ll[:, j].max(-1)
-        class_ll = class_ll[:, :, : max(groups)]
+        class_ll = -self.class_distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
         return self._topk(refs, self.log_likelihoods(x, refs, extra=class_ll), k)
 
 
