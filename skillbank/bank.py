@@ -199,7 +199,10 @@ class SkillBank:
 
         Raises ``MissingStats`` naming the versions that have none, with the fix."""
         found = self.library.stats(list(refs) if refs is not None else None, where)
-        sets = {str(r): sets_from_arrays(a or {}, f"statistics of {r}") for r, a in found.items()}
+        sets = {
+            str(r): sets_from_arrays(a or {}, f"statistics of {r}", keep=kind.__eq__)
+            for r, a in found.items()
+        }
         lacking = sorted(r for r, named in sets.items() if kind not in named)
         if lacking:
             shown = ", ".join(lacking[:5]) + (
@@ -317,8 +320,8 @@ class SkillBank:
         skill = Skill.from_bytes(self.library.read(record.ref), what=str(record.ref))
         skill.metadata["ref"] = str(record.ref)
         arrays = self.library.stats([record.ref])[record.ref] or {}
-        skill.stats = sets_from_arrays(arrays, f"statistics of {record.ref}")
-        skill.stats.pop(ROUTE, None)  # the routers' set: bank.route_stats reads it
+        # the sets a learner kept; the routers' own set is bank.route_stats' to read
+        skill.stats = sets_from_arrays(arrays, f"statistics of {record.ref}", keep=ROUTE.__ne__)
         return skill
 
     def record(self, ref: str) -> VersionRecord:

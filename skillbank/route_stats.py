@@ -18,7 +18,7 @@ Two feature kinds come from the same bare forward:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -331,13 +331,16 @@ def sets_to_arrays(sets: Mapping[str, RouteStats]) -> dict[str, np.ndarray]:
     return out
 
 
-def sets_from_arrays(arrays: Mapping[str, np.ndarray], what: str) -> dict[str, RouteStats]:
-    """The named sets ``sets_to_arrays`` stored (a version may hold any of them)."""
+def sets_from_arrays(
+    arrays: Mapping[str, np.ndarray], what: str, keep: Callable[[str], bool] = lambda _: True
+) -> dict[str, RouteStats]:
+    """The named sets ``sets_to_arrays`` stored (a version may hold any of them); only
+    the sets whose name ``keep`` accepts are read and checked."""
     grouped: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         name, _, field_ = key.rpartition(_SEP)
         grouped.setdefault(name or ROUTE, {})[field_] = value
-    return {n: RouteStats.from_arrays(a, f"{n} {what}") for n, a in grouped.items()}
+    return {n: RouteStats.from_arrays(a, f"{n} {what}") for n, a in grouped.items() if keep(n)}
 
 
 PROTOTYPES = "prototypes"  # FAISS space of class means (pooled feature), one row per class
