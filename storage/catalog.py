@@ -35,7 +35,7 @@ from .models import (
 from .names import base_id as fingerprint_id
 from .names import check_alias, check_name, check_tag, parse_ref
 from .session import make_engine, migrate, session_scope
-from .stats import insert_stats, read_stats
+from .stats import insert_stats, read_stats, stats_keys
 
 ADD_RETRIES = 50
 
@@ -410,7 +410,7 @@ class Catalog:
             row = self._resolve(s, ref)
             out = Ref(row.skill.name, row.version)
             clash = sorted(set(embeddings) & set(row.spaces))
-            held = sorted(set(stats) & set(read_stats(s, [row.id]).get(row.id, {})))
+            held = sorted(set(stats) & stats_keys(s, row.id))
             if held or clash:
                 raise SkillExists(
                     f"{out} already has statistics {held}"

@@ -62,6 +62,11 @@ def insert_stats(
         s.execute(insert(StatsRow), [{"version_id": version_id, **r} for r in rows])
 
 
+def stats_keys(s: Session, version_id: int) -> set[str]:
+    """The keys a version's statistics hold, without reading the arrays."""
+    return set(s.scalars(select(StatsRow.key).where(StatsRow.version_id == version_id)))
+
+
 def read_stats(s: Session, version_ids: Iterable[int]) -> dict[int, dict[str, np.ndarray]]:
     """{version id: {key: array}} for the ids that have statistics."""
     ids = list(version_ids)
