@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval import backbones  # noqa: E402
 from eval.config import BenchConfig, build_stream  # noqa: E402
+from skillbank.route_stats import shrunk_covariance, stats_from_features  # noqa: E402
 
 RIDGE = (1e-3, 1e-2, 1e-1)
 PROJECTION = 4096
@@ -66,9 +67,11 @@ def _unit(a: np.ndarray) -> np.ndarray:
     return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
-def _shrunk(cov: np.ndarray, shrink: float) -> np.ndarray:
-    d = len(cov)
-    return (1 - shrink) * cov + shrink * (np.trace(cov) / d + 1e-12) * np.eye(d)
+def _gaussians(tr, g, shrink):
+    """Group means and the shared covariance shrunk towards (trace/d) I, as the
+    ``mahalanobis`` router builds them from the bank's statistics."""
+    stats = stats_from_features(torch.from_numpy(tr), torch.from_numpy(g))
+    return np.asarray(stats.classes), stats.means(), shrunk_covariance([stats], shrink)
 
 
 def prototype(tr, g, te):
@@ -78,10 +81,8 @@ def prototype(tr, g, te):
 
 
 def lda(tr, g, te, shrink=0.1):
-    groups = np.unique(g)
-    mu = np.stack([tr[g == k].mean(0) for k in groups])
-    centred = tr - mu[np.searchsorted(groups, g)]
-    prec = np.linalg.inv(_shrunk(centred.T @ centred / (len(tr) - len(groups)), shrink))
+    groups, mu, cov = _gaussians(tr, g, shrink)
+    prec = np.linalg.inv(cov)
     scores = te @ prec @ mu.T - 0.5 * ((mu @ prec) * mu).sum(1)
     return groups[scores.argmax(1)]
 
@@ -91,8 +92,9 @@ def qda(tr, g, te, shrink=0.5):
     scores = []
     for k in groups:
         part = tr[g == k]
-        chol = np.linalg.cholesky(_shrunk(np.cov(part.T), shrink))
-        z = np.linalg.solve(chol, (te - part.mean(0)).T)
+        _, (mu,), cov = _gaussians(part, np.zeros(len(part), np.int64), shrink)
+        chol = np.linalg.cholesky(cov)
+        z = np.linalg.solve(chol, (te - mu).T)
         scores.append(-0.5 * (z**2).sum(0) - np.log(np.diag(chol)).sum())
     return groups[np.stack(scores, 1).argmax(1)]
 
