@@ -18,7 +18,8 @@ sample's own task chosen). One Gaussian per (task, class), as the routers keep:
   the best on the test split reported (optimistic on purpose: a ceiling).
 
 Features: the pooled pre-logit feature (L2-normalised, what the routers read),
-the mean token of every block, and both side by side.
+the mean token of every block, both side by side, and the input pooled to 7 x 7
+(``pixel_features``, as stored for ``stats`` and ``fused``; not normalised).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from eval import backbones  # noqa: E402
 from eval.config import BenchConfig, build_stream  # noqa: E402
-from skillbank.route_stats import shrunk_covariance, stats_from_features  # noqa: E402
+from skillbank.route_stats import (  # noqa: E402
+    pixel_features,
+    shrunk_covariance,
+    stats_from_features,
+)
 
 RIDGE = (1e-3, 1e-2, 1e-1)
 PROJECTION = 4096
@@ -42,7 +47,8 @@ PROJECTION = 4096
 
 @torch.no_grad()
 def block_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndarray]:
-    """Pooled feature and every block's mean token, from one bare pass per chunk."""
+    """Pooled feature and every block's mean token, from one bare pass per chunk, and
+    the pixel grid."""
     caught: dict[str, torch.Tensor] = {}
     names = [f"blocks.{i}" for i in range(len(model.blocks))]
     hooks = [
@@ -60,7 +66,8 @@ def block_features(model: torch.nn.Module, x: torch.Tensor) -> dict[str, np.ndar
     finally:
         for h in hooks:
             h.remove()
-    return {k: _unit(torch.cat(v).numpy().astype(np.float64)) for k, v in out.items()}
+    feats = {k: _unit(torch.cat(v).numpy().astype(np.float64)) for k, v in out.items()}
+    return feats | {"pixels": pixel_features(x).numpy()}
 
 
 def _unit(a: np.ndarray) -> np.ndarray:
@@ -143,7 +150,12 @@ def ceiling(stream_name: str, augment: bool) -> list[tuple[str, str, float]]:
     }
     (ftr, gtr), (fte, gte) = joined["train"], joined["test"]
     blocks = [k for k in ftr if k.startswith("blocks.")]
-    views = {"pooled": ["pooled"], "blocks": blocks, "pooled + blocks": ["pooled", *blocks]}
+    views = {
+        "pooled": ["pooled"],
+        "blocks": blocks,
+        "pooled + blocks": ["pooled", *blocks],
+        "pixels 7 x 7": ["pixels"],
+    }
     tasks = gte // 1000
     rows = []
     for view, keys in views.items():

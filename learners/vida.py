@@ -56,13 +56,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import skillbank as sb
-from skillbank.route_stats import default_layers, route_features
-from skillbank.routers import StatsRouter
 
 from .base import TrainConfig, train
 from .tta import (
     GradientMethod,
-    batches,
     online,
     register_method,
     soft_cross_entropy,
@@ -74,15 +71,6 @@ RESNET_CONVS = r"layer\d+\.\d+\.conv\d+"  # timm / torchvision ResNet block conv
 
 
 # --------------------------------------------------------------------------- pure pieces
-
-
-def domain_layers(model: nn.Module) -> tuple[str, ...]:
-    """Where the statistics that find a domain again are read: a ViT's first block (its
-    output tokens, past attention and MLP, keep what the linear patch embedding's
-    statistics blur: at severity 3 those found 12-13 of 15 domains on two of three
-    seeds, the first block 15), else the routers' default (a ResNet's stem)."""
-    names = {n for n, _ in model.named_modules()}
-    return ("blocks.0",) if "blocks.0" in names else default_layers(model)
 
 
 def default_targets(model: nn.Module) -> tuple[str, ...]:
@@ -214,7 +202,6 @@ class ViDA(GradientMethod):
     last_uncertainty: float = field(default=float("nan"), init=False)
     _gen: torch.Generator | None = field(default=None, init=False, repr=False)
     _pairs: Any = field(default=None, init=False, repr=False)
-    source_model: nn.Module | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -269,9 +256,6 @@ class ViDA(GradientMethod):
             raise sb.ConfigError(
                 f"vida: the model already has adapters {sorted(taken)}; give it a fresh source model"
             )
-        # the source model as given, for the features that find domains again (its batch
-        # norms keep their source statistics; the adapted copies normalise per batch)
-        self.source_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self._targets = self.targets or default_targets(self.model)
         # A's draw follows ``seed``; the caller's RNG is left alone
         with torch.random.fork_rng(devices=[]):
@@ -456,43 +440,6 @@ class ViDA(GradientMethod):
                     )
         self.opt = None
         self._pairs = None
-
-    def domain_embedding(self, x: torch.Tensor, centres: int = 0):
-        """Example embedding of ``x`` from the source model, as banks store."""
-        self._require_setup()
-        return sb.example_embedding(self.source_model, x, centres=centres, seed=self.seed)
-
-    def domain_stats(self, x: torch.Tensor) -> sb.RouteStats:
-        """Statistics of the domain ``x`` comes from, as the ``stats`` router reads them
-        (the source model's ``domain_layers``), with the teacher's predictions standing
-        in for the labels the stream never gives."""
-        self._require_setup()
-        with torch.no_grad():
-            pseudo = torch.cat([self.teacher(xb).argmax(1).cpu() for xb in batches(x, 256)])
-        model = self.source_model
-        return sb.compute_stats(model, x, pseudo, layers=domain_layers(model))
-
-    def start_from_bank(self, bank: sb.SkillBank, x: torch.Tensor, where: dict | None = None):
-        """Find the banked ViDA skill of the domain the batch ``x`` comes from (the
-        ``stats`` router's likelihood of the batch's layer statistics, averaged over the
-        batch) and load it; skills of another source model or other ranks are passed
-        over. Its ref, or None when the bank has no skill that fits."""
-        self._require_setup()
-        model = self.source_model
-        layers = domain_layers(model)
-        router = StatsRouter(bank, where={"learner": self.name, **(where or {})}, layers=layers)
-        _, desc = route_features(model, x, layers=layers)
-        try:
-            refs, _ = router.rank_batch(desc, k=router.candidates)
-        except sb.MissingStats:  # nothing banked with statistics yet
-            return None
-        for ref in refs:  # the most likely skill that fits this model
-            try:
-                self.load_skill(bank.get(ref))
-            except (sb.BaseMismatch, sb.ConfigError):  # another source model or ranks
-                continue
-            return ref
-        return None
 
     # ------------------------------------------------------------- fit
     def fit(self, model: nn.Module, task, bank: sb.SkillBank | None = None) -> sb.Skill:

@@ -28,7 +28,7 @@ from .bank import SkillBank
 from .embed import features
 from .errors import ConfigError
 from .resident import ResidentSet, ResidentStats, adapter_name_for  # noqa: F401 (its old home)
-from .route_stats import route_features
+from .route_stats import pixel_features, route_features
 from .routers import check_options, make_router
 from .skill import Skill
 
@@ -145,7 +145,8 @@ class Router:
 
     @torch.no_grad()
     def rank(self, x: torch.Tensor, k: int) -> tuple[list[list[str]], list[list[float]]]:
-        """Each row's ``k`` best skills and scores from the router (one bare forward)."""
+        """Each row's ``k`` best skills and scores from the router (one bare forward, and
+        the input's pixel grid for routers that read it)."""
         with self.disabled():
             pooled, desc = route_features(
                 self.model,
@@ -154,7 +155,8 @@ class Router:
                 head=self.head,
                 pooled=self.router.uses_pooled,
             )
-        return self.router.rank(pooled, desc, k)
+        pixels = pixel_features(x) if self.router.uses_pixels else None
+        return self.router.rank(pooled, desc, k, pixels)
 
     def _reranked(self, x: torch.Tensor, refs: list[list[str]]) -> Routed:
         """Each row's candidates all run (one mixed batch); the most confident one wins."""

@@ -13,6 +13,11 @@ Two feature kinds come from the same bare forward:
   blocks, or the input pixels as ``"input"``), their token maps average-pooled
   to at most a 4 x 4 grid, so domain shifts that the pooled feature washes out
   (rotations, permutations, corruptions) stay visible.
+
+A third needs no forward at all: ``pixels``, the input image average-pooled to
+at most 7 x 7 per channel, kept with a full second-moment matrix per class. A
+diagonal Gaussian sees where ink is; the covariance also sees how it lies
+(a stroke at 36 degrees against one at 72), which is what a rotation changes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,18 @@ from .errors import ConfigError, InvalidEmbedding, SkillbankError
 
 INPUT = "input"  # the pseudo-layer of the input pixels
 GRID = 4  # token maps are pooled to at most GRID x GRID positions
-_ARRAYS = ("classes", "counts", "class_sums", "scatter", "layers", "layer_sums", "layer_squares")
+PIXEL_GRID = 7  # images are pooled to at most PIXEL_GRID x PIXEL_GRID per channel
+_ARRAYS = (
+    "classes",
+    "counts",
+    "class_sums",
+    "scatter",
+    "layers",
+    "layer_sums",
+    "layer_squares",
+    "pixel_sums",
+    "pixel_scatter",
+)
 
 
 class MissingStats(SkillbankError, LookupError):
@@ -68,6 +84,15 @@ def _descriptor(out: torch.Tensor) -> torch.Tensor:
         return out.flatten(1)
     size = (min(GRID, grid.shape[2]), min(GRID, grid.shape[3]))
     return F.adaptive_avg_pool2d(grid, size).flatten(1)
+
+
+def pixel_features(x: torch.Tensor) -> torch.Tensor | None:
+    """(N, channels x at most 7 x 7) float64 on the CPU: the image pooled to a coarse
+    grid, or None when ``x`` is not a batch of images (N, C, H, W)."""
+    if x.ndim != 4 or not x.is_floating_point():
+        return None
+    size = (min(PIXEL_GRID, x.shape[2]), min(PIXEL_GRID, x.shape[3]))
+    return F.adaptive_avg_pool2d(x.detach().float(), size).flatten(1).double().cpu()
 
 
 class _Caught(Exception):
@@ -152,6 +177,8 @@ class RouteStats:
     layers: tuple[str, ...] = ()
     layer_sums: np.ndarray | None = None
     layer_squares: np.ndarray | None = None
+    pixel_sums: np.ndarray | None = None
+    pixel_scatter: np.ndarray | None = None
 
     @property
     def dim(self) -> int:
@@ -188,6 +215,20 @@ class RouteStats:
         mean = sums / self.counts[:, None]
         return mean, np.maximum(squares / self.counts[:, None] - mean**2, 0.0)
 
+    def pixel_gaussians(self, shrink: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+        """(means (C, p), covariances (C, p, p)) of the pixel grid per class, each
+        covariance shrunk towards (trace/p) I (a class has fewer samples than a
+        full covariance has entries)."""
+        if self.pixel_sums is None:
+            raise MissingStats("these statistics were computed without pixels")
+        n = self.counts[:, None]
+        mean = self.pixel_sums / n
+        cov = self.pixel_scatter / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
+        p = mean.shape[1]
+        scale = np.trace(cov, axis1=1, axis2=2) / p + 1e-8
+        eye = np.eye(p)[None]
+        return mean, (1 - shrink) * cov + shrink * scale[:, None, None] * eye
+
     def _layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self.layer_sums is None:
             raise MissingStats("these statistics were computed without layers")
@@ -215,8 +256,18 @@ class RouteStats:
             )
         ):
             problems.append("layer sums do not match the layer names and classes")
+        if (self.pixel_sums is None) != (self.pixel_scatter is None) or (
+            self.pixel_sums is not None
+            and (
+                self.pixel_sums.ndim != 2
+                or len(self.pixel_sums) != c
+                or self.pixel_scatter.shape != (c, *self.pixel_sums.shape[1:] * 2)
+            )
+        ):
+            problems.append("pixel sums and second moments do not match the classes")
         arrays = [self.counts, self.class_sums, self.scatter]
         arrays += [self.layer_sums, self.layer_squares] if self.layers else []
+        arrays += [self.pixel_sums, self.pixel_scatter] if self.pixel_sums is not None else []
         if not problems and not all(np.isfinite(a).all() for a in arrays):
             problems.append("NaN or Inf in the features")
         if problems:
@@ -237,6 +288,8 @@ class RouteStats:
                 "layer_sums": self.layer_sums,
                 "layer_squares": self.layer_squares,
             }
+        if self.pixel_sums is not None:
+            out |= {"pixel_sums": self.pixel_sums, "pixel_scatter": self.pixel_scatter}
         return out
 
     @classmethod
@@ -254,6 +307,8 @@ class RouteStats:
             layers,
             f64("layer_sums"),
             f64("layer_squares"),
+            f64("pixel_sums"),
+            f64("pixel_scatter"),
         ).check(what)
 
 
@@ -268,7 +323,8 @@ def compute_stats(
 ) -> RouteStats:
     """Statistics of a skill's data from the bare base (adapters off, one pass).
 
-    ``layers`` defaults to ``default_layers(model)``; pass ``()`` for none.
+    ``layers`` defaults to ``default_layers(model)``; pass ``()`` for none. Image
+    batches also get their pixel statistics (``pixel_features``).
     Raises ``InvalidEmbedding`` on empty data, mismatched labels or NaN features.
     """
     from .adapters.inject import disabled
@@ -283,7 +339,10 @@ def compute_stats(
         f, desc = route_features(model, x, layers=layers, head=head, batch_size=batch_size)
     if not torch.isfinite(f).all() or (desc is not None and not torch.isfinite(desc).all()):
         raise InvalidEmbedding("stats: the backbone gave NaN or Inf features for this data")
-    return stats_from_features(f, y, layers=layers, desc=desc)
+    pix = pixel_features(x)
+    if pix is not None and not torch.isfinite(pix).all():
+        raise InvalidEmbedding("stats: NaN or Inf in the images")
+    return stats_from_features(f, y, layers=layers, desc=desc, pixels=pix)
 
 
 def stats_from_features(
@@ -292,15 +351,17 @@ def stats_from_features(
     *,
     layers: Sequence[str] = (),
     desc: torch.Tensor | None = None,
+    pixels: torch.Tensor | None = None,
 ) -> RouteStats:
     """The sums of features ``f`` (N, d) by label ``y``; ``desc`` is the layer descriptor
-    of ``layers`` (routing) or None. Learners use it for class Gaussians of the
+    of ``layers`` and ``pixels`` the ``pixel_features`` (routing), or None. Learners use it for class Gaussians of the
     features their head reads (classifier alignment)."""
     y = torch.as_tensor(y).reshape(-1).long()
     f64 = f.detach().double().cpu()
     classes = torch.unique(y)
     onehot = (y[:, None] == classes[None, :]).double()
     d = None if desc is None else desc.detach().double().cpu()
+    px = None if pixels is None else pixels.detach().double().cpu()
     return RouteStats(
         tuple(int(c) for c in classes),
         onehot.sum(0).numpy(),
@@ -309,6 +370,8 @@ def stats_from_features(
         layers,
         None if d is None else (onehot.T @ d).numpy(),
         None if d is None else (onehot.T @ (d * d)).numpy(),
+        None if px is None else (onehot.T @ px).numpy(),
+        None if px is None else torch.einsum("nc,np,nq->cpq", onehot, px, px).numpy(),
     ).check()
 
 
@@ -383,6 +446,7 @@ __all__ = [
     "RouteStats",
     "compute_stats",
     "default_layers",
+    "pixel_features",
     "pooled_within",
     "route_features",
     "sets_from_arrays",

@@ -11,8 +11,10 @@ never scanned; routers with a finer score re-score only those candidates.
 - ``prototype``: nearest class mean by cosine (SimpleCIL); the class's skill wins.
 - ``mahalanobis``: class means with one shared covariance of the bank, shrunk
   towards a scaled identity (FeCAM); candidates from the prototype space.
-- ``stats``: a diagonal Gaussian per skill over a layer descriptor (patch
-  embedding by default): domain shifts the pooled feature washes out.
+- ``stats``: a diagonal Gaussian per class of each skill over a layer
+  descriptor (patch embedding by default) and, for images, a full Gaussian per
+  class over the coarse pixel grid: domain shifts the pooled feature washes out.
+- ``fused`` (the default): ``mahalanobis`` and ``stats`` summed class by class.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class BaseRouter:
     space: ClassVar[str] = EXAMPLES
     uses_layers: ClassVar[bool] = False
     uses_pooled: ClassVar[bool] = True  # False: the bare pass stops after the layers read
+    uses_pixels: ClassVar[bool] = False  # reads ``pixel_features`` of the input (no forward)
 
     def __init__(
         self,
@@ -110,7 +113,15 @@ class BaseRouter:
     def stats(self, ref: str) -> RouteStats:
         return self._stats[ref]
 
-    def rank(self, pooled: torch.Tensor, desc: torch.Tensor | None, k: int) -> Ranked:
+    def rank(
+        self,
+        pooled: torch.Tensor | None,
+        desc: torch.Tensor | None,
+        k: int,
+        pixels: torch.Tensor | None = None,
+    ) -> Ranked:
+        """Each row's ``k`` best skills from its pooled feature, layer descriptor and
+        pixel grid (each None when the router does not read it)."""
         raise NotImplementedError
 
     @staticmethod
@@ -159,7 +170,7 @@ def _columns(refs: list[list[str]]) -> tuple[list[str], np.ndarray, np.ndarray]:
 class ExamplesRouter(BaseRouter):
     name = "examples"
 
-    def rank(self, pooled, desc, k):
+    def rank(self, pooled, desc, k, pixels=None):
         return self._retrieve(pooled, k)
 
 
@@ -167,7 +178,7 @@ class PrototypeRouter(BaseRouter):
     name = "prototype"
     space = PROTOTYPES
 
-    def rank(self, pooled, desc, k):
+    def rank(self, pooled, desc, k, pixels=None):
         self._fresh_stats()  # every routable skill must have prototypes
         return self._retrieve(pooled, k)
 
@@ -210,7 +221,7 @@ class MahalanobisRouter(BaseRouter):
         """(rows, skills): squared Mahalanobis distance to each skill's nearest class mean."""
         return self.class_distances(pooled, skills).min(-1)
 
-    def rank(self, pooled, desc, k):
+    def rank(self, pooled, desc, k, pixels=None):
         self._fresh_stats()
         refs, _ = self._retrieve(pooled, max(k, self.candidates))
         if self._precision is None:
@@ -222,12 +233,17 @@ class StatsRouter(BaseRouter):
     """A diagonal Gaussian per class of each skill over the layer descriptor (where a
     sample comes from *and* what it is: a rotated 3 is told from a rotated 8, which a
     Gaussian of the whole skill blurs together); a skill scores by its best class.
-    Statistics stored by 0.2 give every class the skill's one Gaussian."""
+    Statistics stored by 0.2 give every class the skill's one Gaussian.
+
+    For images, a full Gaussian per class over the pixel grid is added when every
+    routable skill has one (older statistics have none): its covariance sees the
+    orientation of strokes, which per-dimension variances do not."""
 
     name = "stats"
     space = LAYER_STATS
     uses_layers = True
     uses_pooled = False
+    uses_pixels = True
 
     def refresh(self) -> None:
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -240,13 +256,56 @@ class StatsRouter(BaseRouter):
             mean, var = st.class_layer_moments()
             var = (1 - self.shrink) * var + self.shrink * var.mean(1, keepdims=True) + 1e-8
             self._moments[ref] = (mean, var)
+        self._pixels = bool(self._stats) and all(
+            st.pixel_sums is not None for st in self._stats.values()
+        )
+        self._whitening: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def whitening(self, ref: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(W (C, p, p), W mu (C, p), log det of the covariance (C,)) of a skill's pixel
+        Gaussians, W = L^-1 for cov = L L^T; made when the skill is first a candidate."""
+        if ref not in self._whitening:
+            mean, cov = self.stats(ref).pixel_gaussians(self.shrink)
+            chol = np.linalg.cholesky(cov)
+            w = np.linalg.inv(chol)
+            logdet = 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
+            self._whitening[ref] = (w, np.einsum("cpq,cq->cp", w, mean), logdet)
+        return self._whitening[ref]
+
+    def pixel_log_likelihoods(
+        self, pixels: torch.Tensor | None, refs: list[list[str]]
+    ) -> np.ndarray | None:
+        """(rows, candidates, most classes): the full-Gaussian log-likelihood per
+        dimension of each row's pixel grid under each class of each of its candidates
+        (-inf past a skill's classes), or None when not every skill has pixel
+        statistics. Rows are grouped by candidate skill: the cost follows what rows
+        name, not the bank."""
+        if pixels is None or not self._pixels:
+            return None
+        x = pixels.double().numpy()
+        skills, idx, valid = _columns(refs)
+        width = max(len(self.stats(r).classes) for r in skills)
+        out = np.full((*idx.shape, width), -np.inf)
+        for j, r in enumerate(skills):
+            w, shift, logdet = self.whitening(r)
+            c, p = shift.shape
+            if x.shape[1] != p:
+                raise InvalidEmbedding(
+                    f"pixel features are {x.shape[1]}-d, {r}'s statistics {p}-d: "
+                    "images of another size or channel count?"
+                )
+            rows, cols = np.nonzero((idx == j) & valid)
+            z = x[rows] @ w.reshape(c * p, p).T - shift.reshape(-1)
+            maha = (z.reshape(len(rows), c, p) ** 2).sum(-1)
+            out[rows, cols, :c] = -0.5 * (maha + logdet) / p
+        return out
 
     def log_likelihoods(
         self, x: np.ndarray, refs: list[list[str]], extra: np.ndarray | None = None
     ) -> np.ndarray:
         """(rows x candidates): each row's candidates' best class by the diagonal-Gaussian
         log-likelihood of the layer features ``x``, averaged per dimension, plus
-        ``extra[row, skill, class]`` (skills as ``_unique(refs)``) when given.
+        ``extra[row, candidate, class]`` (candidates as in ``refs``) when given.
 
         The cost follows the candidates, not the bank: few distinct candidates (a small
         bank, or rows that agree) are scored against every row by three matrix
@@ -274,26 +333,26 @@ class StatsRouter(BaseRouter):
             d = x.shape[1]
             quad = x2 @ inv.reshape(-1, d).T - 2.0 * (x @ minv.reshape(-1, d).T)
             by_class = (quad + const.reshape(-1)).reshape(len(x), *real.shape)
-            by_class = -0.5 * by_class / d + (0.0 if extra is None else extra)
-            best = np.where(real, by_class, -np.inf).max(-1)
-            out = np.take_along_axis(best, idx, axis=1)
+            by_class = -0.5 * np.take_along_axis(by_class, idx[:, :, None], axis=1) / d
+            by_class = by_class + (0.0 if extra is None else extra)
+            out = np.where(real[idx], by_class, -np.inf).max(-1)
         else:  # per candidate column: rows x classes x d at a time, never the whole bank
-            rows = np.arange(len(x))
             out = np.empty(idx.shape)
             for c in range(idx.shape[1]):
                 s = idx[:, c]
                 quad = (inv[s] @ x2[:, :, None] - 2.0 * (minv[s] @ x[:, :, None]))[..., 0]
                 score = -0.5 * (quad + const[s]) / x.shape[1]
                 if extra is not None:
-                    score = score + extra[rows, s]
+                    score = score + extra[:, c]
                 out[:, c] = np.where(real[s], score, -np.inf).max(-1)
         return np.where(valid, out, -np.inf)
 
-    def rank(self, pooled, desc, k):
+    def rank(self, pooled, desc, k, pixels=None):
         x = self._layer_features(desc, self.name)
         self._fresh_stats()
         refs, _ = self._retrieve(desc, max(k, self.candidates))
-        return self._topk(refs, self.log_likelihoods(x, refs), k)
+        extra = self.pixel_log_likelihoods(pixels, refs)
+        return self._topk(refs, self.log_likelihoods(x, refs, extra=extra), k)
 
     def rank_batch(self, desc: torch.Tensor, k: int = 1) -> tuple[list[str], list[float]]:
         """The ``k`` skills most likely to have produced the whole batch (rows that share
@@ -312,8 +371,8 @@ class StatsRouter(BaseRouter):
 
 class FusedRouter(StatsRouter, MahalanobisRouter):
     """``mahalanobis`` and ``stats`` together, class by class: what a sample is (its
-    class under the pooled feature) and where it comes from (the layer statistics of
-    that class in that skill); a skill scores by its best class.
+    class under the pooled feature) and where it comes from (the layer and pixel
+    statistics of that class in that skill); a skill scores by its best class.
 
     Each score is a Gaussian log-likelihood per dimension (the Mahalanobis term is
     ``-d^2 / 2d``), so neither outweighs the other by its width; candidates are the
@@ -328,14 +387,19 @@ class FusedRouter(StatsRouter, MahalanobisRouter):
         MahalanobisRouter.refresh(self)
         StatsRouter.refresh(self)
 
-    def rank(self, pooled, desc, k):
+    def rank(self, pooled, desc, k, pixels=None):
         x = self._layer_features(desc, self.name)
         self._fresh_stats()
         by_class, _ = self._retrieve(pooled, max(k, self.candidates))
         by_domain, _ = self._retrieve(desc, max(k, self.candidates), LAYER_STATS)
         refs = [list(dict.fromkeys(a + b)) for a, b in zip(by_class, by_domain, strict=True)]
-        class_ll = -self.class_distances(pooled, _unique(refs)) / (2 * pooled.shape[1])
-        return self._topk(refs, self.log_likelihoods(x, refs, extra=class_ll), k)
+        _, idx, _ = _columns(refs)
+        dist = np.take_along_axis(self.class_distances(pooled, _unique(refs)), idx[..., None], 1)
+        extra = -dist / (2 * pooled.shape[1])
+        pixel_ll = self.pixel_log_likelihoods(pixels, refs)
+        if pixel_ll is not None:
+            extra = extra + pixel_ll
+        return self._topk(refs, self.log_likelihoods(x, refs, extra=extra), k)
 
 
 ROUTERS: dict[str, type[BaseRouter]] = {

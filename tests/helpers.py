@@ -114,6 +114,32 @@ class Tiny(nn.Module):
         return self.head(self.patch_embed(x))
 
 
+class TinyImage(nn.Module):
+    """Images (N, 1, 7, 7) -> body (Linear on the pixels) -> head; no patch embedding,
+    so routing statistics read the input pixels."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        self.body = nn.Linear(49, TINY_DIM)
+        self.head = nn.Linear(TINY_DIM, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.body(x.flatten(1))))
+
+
+def corner_images(sign: float, n: int, seed: int) -> torch.Tensor:
+    """(n, 1, 7, 7) noise whose opposite corners move together (``sign`` 1) or against
+    each other (-1): every pixel's mean and variance are the same either way."""
+    g = torch.Generator().manual_seed(seed)
+    x = 0.1 * torch.randn(n, 1, 7, 7, generator=g)
+    z = torch.randn(2, n, generator=g)
+    x[:, 0, 0, 0] += z[0]
+    x[:, 0, 6, 6] += sign * z[0]
+    x[:, 0, 0, 6] += z[1]
+    x[:, 0, 6, 0] += sign * z[1]
+    return x
+
+
 def gaussian(mean, scale, n: int, seed: int) -> torch.Tensor:
     """``n`` samples around ``mean`` with per-dimension ``scale``, seeded."""
     g = torch.Generator().manual_seed(seed)

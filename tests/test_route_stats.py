@@ -1,10 +1,13 @@
 """Routing statistics: combination, round trip through the bank, migration, bad input."""
 
+import copy
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from alembic import command
-from helpers import Tiny, add_task, gaussian, skill_of, unit
+from helpers import Tiny, TinyImage, add_task, corner_images, gaussian, skill_of, unit
 
 import skillbank as sb
 from skillbank.route_stats import HEAD, PROTOTYPES, RouteStats, pooled_within, stats_from_features
@@ -52,6 +55,32 @@ def test_stats_round_trip_through_the_bank(model, catalog_url, tmp_path):
             np.testing.assert_array_equal(a, b)
         hits = bank.retrieve(stats.means()[1], k=1, space=PROTOTYPES)
         assert str(hits[0].ref) == ref
+
+
+def test_pixel_statistics_combine_and_round_trip(catalog_url, tmp_path):
+    torch.manual_seed(0)
+    model = TinyImage().eval()
+    x, y = corner_images(1, 40, 0), torch.arange(40) // 20
+    whole = sb.compute_stats(model, x, y, head="head")
+    half = [sb.compute_stats(model, x[i::2], y[i::2], head="head") for i in range(2)]
+    for key in ("pixel_sums", "pixel_scatter"):
+        parts = [getattr(h, key) for h in half]
+        np.testing.assert_allclose(parts[0] + parts[1], getattr(whole, key), atol=1e-9)
+    mean, cov = whole.pixel_gaussians(shrink=0.0)  # unshrunk: the sample moments
+    flat = x.flatten(1).double().numpy()
+    np.testing.assert_allclose(mean[1], flat[y == 1].mean(0), atol=1e-9)
+    np.testing.assert_allclose(cov[1], np.cov(flat[y == 1].T, bias=True), atol=1e-9)
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        m = copy.deepcopy(model)
+        sb.add_adapter(m, "a", sb.LoRAConfig(rank=2, targets=["body"], head="head"))
+        ref = str(bank.add("a", sb.Skill.from_model(m, "a"), stats=whole, embed_text=False))
+    with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
+        back = bank.route_stats([ref])[ref]
+    np.testing.assert_array_equal(back.pixel_scatter, whole.pixel_scatter)
+    np.testing.assert_array_equal(back.pixel_sums, whole.pixel_sums)
+    bad = dataclasses.replace(whole, pixel_scatter=whole.pixel_scatter[:, :3])
+    with pytest.raises(sb.InvalidEmbedding, match="pixel sums"):
+        bad.check()
 
 
 def test_a_skills_own_statistics_sets_live_in_the_same_store(model, catalog_url, tmp_path):

@@ -1,11 +1,12 @@
 """Routers on synthetic Gaussians whose right answer is known, plus re-ranking and bad input."""
 
+import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from helpers import TINY_DIM, Tiny, add_task, gaussian, skill_of, unit
+from helpers import TINY_DIM, Tiny, TinyImage, add_task, corner_images, gaussian, skill_of, unit
 
 import skillbank as sb
 from skillbank.routers import make_router
@@ -146,6 +147,48 @@ def test_statistics_of_0_2_and_per_class_ones_route_side_by_side(model, bank):
     assert accuracy(model, bank, test, [a, a, b, b], router="fused") >= 0.95
 
 
+def test_pixel_covariance_tells_domains_apart_that_differ_only_in_correlation(tmp_path):
+    # "same": opposite corners move together; "opposite": against each other. Every
+    # pixel (and every 4 x 4 cell of the layer descriptor) has the same mean and
+    # variance in both: only the pixel grid's covariance tells them apart.
+    torch.manual_seed(0)
+    model = TinyImage().eval()
+    test = [corner_images(1, 100, 10), corner_images(-1, 100, 11)]
+    scores = {}
+    for pixels in (True, False):
+        with sb.SkillBank.open(tmp_path / f"bank-{pixels}") as bank:
+            refs = []
+            for i, (name, sign) in enumerate((("same", 1), ("opposite", -1))):
+                stats = sb.compute_stats(
+                    model, corner_images(sign, 300, i), torch.zeros(300), head="head"
+                )
+                assert stats.layers == ("input",) and stats.pixel_scatter.shape == (1, 49, 49)
+                if not pixels:  # as statistics stored before pixel moments existed
+                    stats = dataclasses.replace(stats, pixel_sums=None, pixel_scatter=None)
+                m = copy.deepcopy(model)
+                sb.add_adapter(m, name, sb.LoRAConfig(rank=2, targets=["body"], head="head"))
+                skill = sb.Skill.from_model(m, name, metadata={"classes": [0, 1]})
+                refs.append(str(bank.add(name, skill, stats=stats, embed_text=False)))
+            for router in ("stats", "fused"):
+                scores[pixels, router] = accuracy(model, bank, test, refs, router=router)
+    # the pooled feature (a ReLU of mixed pixels) sees part of it: fused gains less
+    assert scores[True, "stats"] >= 0.95 and scores[False, "stats"] <= 0.7, scores
+    assert scores[True, "fused"] >= 0.95 and scores[False, "fused"] <= 0.85, scores
+
+
+def test_pixel_features_of_another_size_are_refused(tmp_path):
+    model = TinyImage().eval()
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        stats = sb.compute_stats(model, corner_images(1, 50, 0), torch.zeros(50), head="head")
+        m = copy.deepcopy(model)
+        sb.add_adapter(m, "a", sb.LoRAConfig(rank=2, targets=["body"], head="head"))
+        bank.add("a", sb.Skill.from_model(m, "a"), stats=stats, embed_text=False)
+        router = make_router("stats", bank)
+        router._fresh_stats()
+        with pytest.raises(sb.InvalidEmbedding, match="pixel features are 36-d"):
+            router.pixel_log_likelihoods(torch.zeros(3, 36), [["a@1"]] * 3)
+
+
 def test_rerank_keeps_the_candidate_the_adapted_model_is_sure_of(model, bank):
     x = gaussian(unit(0, 3), 0.3, 40, 1)
     ys = [torch.zeros(40)]
@@ -208,8 +251,7 @@ def test_stats_scores_are_each_skills_best_class_likelihood(width):
     x = rng.normal(size=(20, 6))
     refs = [list(rng.choice(skills, size=width, replace=False)) for _ in x]
     refs[0] = refs[0][:1]  # a row with fewer candidates than the others
-    order = sorted({r for row in refs for r in row})
-    extra = rng.normal(size=(len(x), len(order), 3))  # e.g. fused's class term
+    extra = rng.normal(size=(len(x), width, 3))  # per row, candidate and class: fused's terms
     for bonus in (None, extra):
         got = router.log_likelihoods(x, refs, extra=bonus)
         for i, row in enumerate(refs):
@@ -217,6 +259,6 @@ def test_stats_scores_are_each_skills_best_class_likelihood(width):
                 mean, var = router._moments[r]
                 ll = -0.5 * (((x[i] - mean) ** 2 / var) + np.log(var)).mean(-1)
                 if bonus is not None:
-                    ll = ll + bonus[i, order.index(r), : len(mean)]
+                    ll = ll + bonus[i, j, : len(mean)]
                 assert got[i, j] == pytest.approx(ll.max(), rel=1e-9, abs=1e-9)
         assert np.isneginf(got[0, 1:]).all()

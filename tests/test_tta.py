@@ -15,8 +15,8 @@ from eval.backbones import create_backbone
 from eval.data import digits
 from eval.tta import run_stream
 from learners import BNAdapt, SourceOnly, Tent, ViDA, create_method, online
-from learners.tta import norm_affine_parameters
-from learners.vida import HIGH, LOW, allot, augment, domain_layers, ema_update, uncertainty
+from learners.tta import domain_layers, norm_affine_parameters
+from learners.vida import HIGH, LOW, allot, augment, ema_update, uncertainty
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -333,19 +333,26 @@ def test_bench_protocol_small(tmp_path, monkeypatch, stream):
         "tent",
         "vida",
         "vida pass 2",
+        "tent pass 2",
         "tent:noreset",
+        "tent:noreset pass 2",
     }
     assert len(doc["methods"]["vida"]["errors"][0]) == 2 and "met_vida_le_tent" in doc["goals"]
     # the second pass found each domain's own skill by its statistics
-    assert doc["methods"]["vida pass 2"]["found"] == [[True, True]]
-    assert doc["goals"]["domains_found"] == 2
+    for name in ("vida", "tent"):
+        assert doc["methods"][name + " pass 2"]["found"] == [[True, True]]
+    assert doc["goals"]["domains_found"] == 2 and set(doc["goals"]["second_pass"]) == {
+        "vida",
+        "tent",
+    }
     assert (tmp_path / "out" / "results.json").is_file() and (
         tmp_path / "out" / "tta_error.png"
     ).is_file()
     assert "| vida |" in (tmp_path / "out" / "table.md").read_text()
     with sb.SkillBank.open(tmp_path / "bank") as bank:
-        assert len(bank.list()) == 2  # one skill per domain, each with its statistics
-        assert len(bank.route_stats()) == 2
+        # one skill per domain and banking method (vida, tent, tent:noreset), with statistics
+        assert len(bank.list()) == 6
+        assert len(bank.route_stats()) == 6
     with pytest.raises(sb.ConfigError, match="unknown options"):
         bench_protocol(replace(cfg, learner_options={"vida": {"bogus": 1}}), None)
 
@@ -564,3 +571,56 @@ def test_retrieval_passes_over_skills_that_do_not_fit(tmp_path):
         assert mine.start_from_bank(bank, x) is None  # the only skill has other ranks
         ref = str(bank.add("rank-4", mine.domain_skill("rank-4"), embed_text=False, **kw))
         assert mine.start_from_bank(bank, x) == ref
+
+
+def test_tent_domain_skill_round_trips_through_the_bank_and_is_found_again(tmp_path):
+    """Tent's skill is its norm layers' affine parameters: banked after a domain, a
+    fresh Tent that finds it starts exactly where the first one ended."""
+    model = bn_model()
+    dark, light = x8(64, seed=1) * 0.3, (x8(64, seed=2) * 0.3 + 0.6)
+    first = Tent(device="cpu", lr=0.05)
+    first.setup(copy.deepcopy(model))
+    with sb.SkillBank.open(tmp_path / "bank") as bank:
+        refs = {}
+        for name, x in (("dark", dark), ("light", light)):
+            for xb in x.split(16):
+                first.step(xb)
+            skill = first.domain_skill(f"tent-{name}")
+            assert not skill.factors and set(skill.extras) == {"1.weight", "1.bias"}
+            refs[name] = str(
+                bank.add(
+                    f"tent-{name}",
+                    skill,
+                    embedding=first.domain_embedding(x),
+                    stats=first.domain_stats(x),
+                    learner="tent",
+                    embed_text=False,
+                )
+            )
+        end = {k: v.clone() for k, v in first.model.state_dict().items()}
+        again = Tent(device="cpu", lr=0.05)
+        again.setup(copy.deepcopy(model))
+        assert not torch.equal(again.model.state_dict()["1.weight"], end["1.weight"])
+        assert again.start_from_bank(bank, x8(32, seed=7) * 0.3 + 0.6) == refs["light"]
+        now = again.model.state_dict()
+        assert all(torch.equal(now[k], v) for k, v in end.items())
+        assert again.opt is None  # a fresh optimizer
+        assert again.start_from_bank(bank, x8(32, seed=8) * 0.3) == refs["dark"]
+        # a ViDA skill (low-rank factors, no norm parameters) is not Tent's to load
+        with pytest.raises(sb.ConfigError, match="not a Tent skill"):
+            vida = small_vida(high_rank=3, targets=("0",))
+            vida.setup(copy.deepcopy(model))
+            again.load_skill(vida.domain_skill("v"))
+        skill = bank.get(refs["dark"])  # as if banked from a model with 5 channels there
+        skill.fingerprint.modules["1"] = replace(skill.fingerprint.modules["1"], shape=(5,))
+        with pytest.raises(sb.BaseMismatch, match="does not fit"):
+            again.load_skill(skill)
+
+
+def test_methods_without_domain_state_have_no_domain_skill():
+    for name in ("source", "bn_adapt"):
+        method = create_method(name, device="cpu")
+        method.setup(bn_model())
+        assert not method.bank_skills
+        with pytest.raises(sb.ConfigError, match="learns nothing per domain"):
+            method.domain_skill("x")
