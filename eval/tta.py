@@ -394,8 +394,9 @@ def goals(methods: dict[str, Any]) -> dict[str, Any]:
     """The protocol's goals, measured on what ran (variants ``name:...`` are reported,
     not judged): ViDA against source-only with the same source stage and against
     Tent, BN-adapt against source-only, no domain more than 2 points worse than
-    source-only, and each banking method's second pass against its first (met when
-    every one finds >= 14 domains on every seed and one of them gains)."""
+    source-only, and each banking method's second pass against its first (found:
+    >= 14 domains on every seed for every one; lower: one of them lower on every
+    seed, so that a difference within the noise of one seed does not count)."""
     if "source" not in methods:
         return {}
     source = methods["source"]
@@ -422,21 +423,23 @@ def goals(methods: dict[str, Any]) -> dict[str, Any]:
         out["met_vida_10pct"] = out["vida_relative_vs_source_stage"] >= 0.1
         if "tent" in methods:
             out["met_vida_le_tent"] = v <= methods["tent"]["mean_error"]["mean"]
-    second = {
-        n: {
+    second = {}
+    for n in methods:
+        if n + PASS2 not in methods or ":" in n:
+            continue
+        first, again = (np.asarray(methods[k]["errors"]).mean(1) for k in (n, n + PASS2))
+        second[n] = {
             "domains_found": methods[n + PASS2]["domains_found"]["mean"],
             "fewest_found": min(sum(f) for f in methods[n + PASS2]["found"]),
-            "first_pass": methods[n]["mean_error"]["mean"],
-            "second_pass": methods[n + PASS2]["mean_error"]["mean"],
+            "first_pass": float(first.mean()),
+            "second_pass": float(again.mean()),
+            "lower_on_every_seed": bool((again < first).all()),
         }
-        for n in methods
-        if n + PASS2 in methods and ":" not in n
-    }
     if second:
         out["second_pass"] = second
         out["domains_found"] = min(m["domains_found"] for m in second.values())
         out["met_found_14"] = min(m["fewest_found"] for m in second.values()) >= 14
-        lower = sorted(n for n, m in second.items() if m["second_pass"] < m["first_pass"])
+        lower = sorted(n for n, m in second.items() if m["lower_on_every_seed"])
         out["second_pass_lower"] = lower
         out["met_second_pass_lower"] = bool(lower)
     return out
