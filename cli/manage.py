@@ -414,3 +414,74 @@ def index_info(as_json: bool = JSON) -> None:
             settings.strip(),
         )
     out().print(table)
+
+
+# ---------------------------------------------------------------- stats
+stats_app = typer.Typer(
+    help="Routing statistics of stored versions (what the statistics routers read).",
+    no_args_is_help=True,
+)
+app.add_typer(stats_app, name="stats")
+
+
+def _labelled_arrays(path: Path):
+    """(x float32 tensor, y int64 tensor) from an .npz holding ``x`` and ``y`` (no pickles)."""
+    import numpy as np
+    import torch
+
+    if not path.is_file():
+        raise fail(f"no data file {str(path)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            missing = sorted({"x", "y"} - set(arrays.files))
+            if missing:
+                raise fail(f"{path} needs arrays 'x' and 'y'; it lacks {', '.join(missing)}")
+            x, y = arrays["x"], arrays["y"]
+    except ValueError as e:  # object arrays: never unpickled
+        raise fail(f"{path}: {e}") from None
+    if x.dtype.kind not in "fiu" or y.dtype.kind not in "iu":
+        raise fail(f"{path}: x must be numbers and y integer labels, got {x.dtype} and {y.dtype}")
+    if x.ndim < 2 or y.ndim != 1 or len(x) != len(y) or not len(x):
+        raise fail(f"{path}: x is {x.shape} and y {y.shape}; want N samples and N labels")
+    return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+
+
+@command(stats_app, name="rebuild")
+def stats_rebuild(
+    ref: str = typer.Argument(..., help="A version without routing statistics."),
+    data: Path = typer.Option(
+        ..., "--data", help=".npz with x (the skill's training inputs) and y (labels)."
+    ),
+    backbone: str = typer.Option(
+        ..., "--backbone", help="The base the skill was trained on: preset or timm name."
+    ),
+    weights: Path | None = typer.Option(
+        None, "--weights", help="The base's weights (.safetensors, or .pt read weights-only)."
+    ),
+    num_classes: int = typer.Option(10, "--num-classes", min=1, help="The base's head width."),
+    head: str | None = typer.Option(
+        None, "--head", help="Module whose input is the pre-logit feature (timm: none needed)."
+    ),
+) -> None:
+    """Compute a version's routing statistics on the bare base and store them with it (a
+    version from 0.1.0, or one added without stats=); a version that has them is left as is."""
+    import skillbank as sb
+    from eval.backbones import create_backbone
+
+    x, y = _labelled_arrays(data)
+    with open_bank() as bank:
+        skill = bank.get(ref)
+        shape = dict(in_chans=x.shape[1], img_size=tuple(x.shape[2:])) if x.ndim == 4 else {}
+        model = create_backbone(backbone, num_classes=num_classes, weights=weights, **shape)
+        model.eval()
+        paths = sorted(skill.fingerprint.modules)
+        diff = skill.fingerprint.first_difference(sb.fingerprint(model, paths), strict=False)
+        if diff:
+            raise fail(f"{ref} was not trained on this {backbone}: {diff}")
+        stats = sb.compute_stats(model, x, y, head=head)
+        bank.put_stats(ref, stats)
+    note(
+        f"stored routing statistics of {ref}: {len(stats.classes)} classes, {int(stats.n)} "
+        f"samples, layers {', '.join(stats.layers) or 'none'}"
+        + (", pixel moments" if stats.pixel_sums is not None else "")
+    )

@@ -217,7 +217,8 @@ class SkillBank:
             raise MissingStats(
                 f"{shown} {has} no routing statistics "
                 "(added before skillbank 0.2 or without stats=); compute them from the task's "
-                "data on the bare base and store them: bank.put_stats(REF, "
+                "data on the bare base and store them: `skillbank stats rebuild REF --data "
+                "DATA.npz --backbone NAME [--weights FILE]` or bank.put_stats(REF, "
                 "sb.compute_stats(model, x, y)), or re-add the skill with stats=; "
                 "the 'examples' router needs none"
             )
