@@ -47,7 +47,7 @@ class BaseRouter:
     space: ClassVar[str] = EXAMPLES
     uses_layers: ClassVar[bool] = False
     uses_pooled: ClassVar[bool] = True  # False: the bare pass stops after the layers read
-    uses_pixels: ClassVar[bool] = False  # reads ``pixel_features`` of the input (no forward)
+    reads_pixels: ClassVar[bool] = False  # scores ``pixel_features`` of the input (no forward)
 
     def __init__(
         self,
@@ -58,11 +58,11 @@ class BaseRouter:
         candidates: int = 16,
         shrink: float = 0.1,
         layers: tuple[str, ...] | None = None,
+        pixels: bool = True,
     ) -> None:
-        if candidates < 1 or not 0.0 <= shrink <= 1.0:
-            raise ConfigError(
-                f"candidates must be >= 1 and shrink in [0, 1], got {candidates}, {shrink}"
-            )
+        check_options({"candidates": candidates, "shrink": shrink, "pixels": pixels})
+        # pixels=False: a statistics router skips its pixel term (cheaper over a large bank)
+        self.uses_pixels = self.reads_pixels and pixels
         self.bank, self.where = bank, where
         self.space = space or self.space
         self.candidates, self.shrink = candidates, shrink
@@ -243,7 +243,7 @@ class StatsRouter(BaseRouter):
     space = LAYER_STATS
     uses_layers = True
     uses_pooled = False
-    uses_pixels = True
+    reads_pixels = True
 
     def refresh(self) -> None:
         self._moments: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -280,7 +280,7 @@ class StatsRouter(BaseRouter):
         (-inf past a skill's classes), or None when not every skill has pixel
         statistics. Rows are grouped by candidate skill: the cost follows what rows
         name, not the bank."""
-        if pixels is None or not self._pixels:
+        if pixels is None or not self._pixels or not self.uses_pixels:
             return None
         x = pixels.double().numpy()
         skills, idx, valid = _columns(refs)
@@ -409,7 +409,7 @@ ROUTERS: dict[str, type[BaseRouter]] = {
 
 
 #: What ``router_options`` may set (``BaseRouter``'s keywords; ``space`` is the Router's own).
-ROUTER_OPTIONS = ("candidates", "shrink", "layers")
+ROUTER_OPTIONS = ("candidates", "shrink", "layers", "pixels")
 
 
 def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -421,6 +421,13 @@ def check_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(options) - set(ROUTER_OPTIONS))
     if unknown:
         raise ConfigError(f"unknown router options {unknown}; known: {list(ROUTER_OPTIONS)}")
+    candidates, shrink = options.get("candidates", 1), options.get("shrink", 0.0)
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ConfigError(f"candidates must be an int >= 1, got {candidates!r}")
+    if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 <= shrink <= 1:
+        raise ConfigError(f"shrink must be in [0, 1], got {shrink!r}")
+    if not isinstance(options.get("pixels", True), bool):
+        raise ConfigError(f"pixels must be true or false, got {options['pixels']!r}")
     return dict(options)
 
 

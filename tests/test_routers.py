@@ -171,9 +171,15 @@ def test_pixel_covariance_tells_domains_apart_that_differ_only_in_correlation(tm
                 refs.append(str(bank.add(name, skill, stats=stats, embed_text=False)))
             for router in ("stats", "fused"):
                 scores[pixels, router] = accuracy(model, bank, test, refs, router=router)
+            # router_options={"pixels": False} skips the term: as if the moments were absent
+            off = accuracy(
+                model, bank, test, refs, router="stats", router_options={"pixels": False}
+            )
+            scores[pixels, "stats, pixels off"] = off
     # the pooled feature (a ReLU of mixed pixels) sees part of it: fused gains less
     assert scores[True, "stats"] >= 0.95 and scores[False, "stats"] <= 0.7, scores
     assert scores[True, "fused"] >= 0.95 and scores[False, "fused"] <= 0.85, scores
+    assert scores[True, "stats, pixels off"] == scores[False, "stats"], scores
 
 
 def test_pixel_features_of_another_size_are_refused(tmp_path):
@@ -224,6 +230,7 @@ def test_bench_config_checks_router_keys_before_any_run():
         ({"rerank": -1}, "rerank"),
         ({"router_options": {"shrinkage": 0.2}}, "unknown router options"),
         ({"router_options": [1]}, "mapping"),
+        ({"router_options": {"pixels": "no"}}, "pixels must be true or false"),
     ):
         with pytest.raises(sb.ConfigError, match=match):
             load(None, **bad)
