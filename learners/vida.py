@@ -190,6 +190,11 @@ class ViDA(GradientMethod):
     source_steps: int = 300
     source_lr: float = 1e-3
     source_augment: float = 0.5
+    # Set the branch scales per source batch by the same allotment as at test time
+    # (the views' uncertainty under the current adapters), so that the adapters are
+    # trained at the scales they will run at; off in the paper's code. Scales go back
+    # to (1, 1) after the stage.
+    source_allot: bool = False
     # Batch norms normalise with each test batch, in student and teacher alike (the
     # official code runs both in train mode); False keeps the source statistics.
     batch_stats: bool = True
@@ -241,6 +246,10 @@ class ViDA(GradientMethod):
             self.targets = tuple(self.targets)
             if not self.targets:
                 raise sb.ConfigError("vida: targets is empty")
+        if not isinstance(self.source_allot, bool):
+            raise sb.ConfigError(
+                f"vida: source_allot must be true or false, got {self.source_allot!r}"
+            )
         if isinstance(self.source_augment, bool) or not 0.0 <= self.source_augment <= 1.0:
             raise sb.ConfigError(
                 f"vida: source_augment is a fraction in [0, 1], got {self.source_augment!r}"
@@ -288,9 +297,12 @@ class ViDA(GradientMethod):
                     progress=False,
                     grad_clip=1.0,
                 ),
-                transform=self._source_transform if self.source_augment else None,
+                transform=(
+                    self._source_transform if self.source_augment or self.source_allot else None
+                ),
                 desc="vida source stage",
             )
+            self._set_scales(self._layers, (1.0, 1.0))
         if self.train_backbone:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -306,7 +318,13 @@ class ViDA(GradientMethod):
 
     def _source_transform(self, xb: torch.Tensor) -> torch.Tensor:
         k = round(self.source_augment * len(xb))
-        return torch.cat([augment(xb[:k], 1, self._gen), xb[k:]]) if k else xb
+        xb = torch.cat([augment(xb[:k], 1, self._gen), xb[k:]]) if k else xb
+        if self.source_allot:  # the model's norms are frozen here: no statistic moves
+            with torch.no_grad():
+                views = augment(xb, self.views, self._gen)
+                u = uncertainty(self.model(views).view(self.views, len(xb), -1), self.unc_factor)
+            self._set_scales(self._layers, allot(u, self.threshold))
+        return xb
 
     @property
     def predictor(self) -> nn.Module:

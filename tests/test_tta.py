@@ -391,18 +391,29 @@ def trained_resnet():
     return model
 
 
-def test_source_stage_leaves_the_backbone_bit_identical(stream):
+@pytest.mark.parametrize("allot", [False, True])
+def test_source_stage_leaves_the_backbone_bit_identical(stream, allot):
     """The adapters train on the source data; every backbone weight and batch-norm
-    statistic stays exactly as it was."""
+    statistic stays exactly as it was (also when the stage sets the scales per batch
+    by the allotment, which then go back to 1)."""
     model = trained_resnet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     source = replace(
         stream.source, x_train=stream.source.x_train[:128], y_train=stream.source.y_train[:128]
     )
     stage = create_method(
-        "source_stage", high_rank=4, views=2, source_steps=4, source_augment=0.5, device="cpu"
+        "source_stage",
+        high_rank=4,
+        views=2,
+        source_steps=4,
+        source_augment=0.5,
+        source_allot=allot,
+        threshold=0.0,  # every batch uncertain: the scales swing to (1 - U, 1 + U)
+        device="cpu",
     )
     stage.setup(copy.deepcopy(model), source)
+    for layer in sb.adapter_layers(stage.teacher):
+        assert dict(layer.active) == {LOW: 1.0, HIGH: 1.0}
     layers = sb.adapter_layers(stage.teacher)
     assert [layer.path for layer in layers][:2] == ["layer1.0.conv1", "layer1.0.conv2"]
     assert any(float(layer.lora_B[HIGH].detach().abs().sum()) > 0 for layer in layers)
