@@ -30,8 +30,9 @@ normalise with each test batch in student and teacher alike.
 
 Note on step 3: student and teacher start equal and see the same batch, so the
 loss's gradient (student softmax minus teacher softmax) is zero until they
-differ, and they differ only by what the EMA lags behind; the official code has
-the same property. Measured here, ViDA's gain over its source stage is the
+differ, and they differ only by what the EMA lags behind (and by rounding, which
+Adam's normalised step turns into small moves in no useful direction); the
+official code has the same property. Measured here, ViDA's gain over its source stage is the
 test-batch normalisation (BN-adapt's), not the update (README, test-time
 adaptation).
 
