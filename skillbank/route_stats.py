@@ -224,10 +224,7 @@ class RouteStats:
         n = self.counts[:, None]
         mean = self.pixel_sums / n
         cov = self.pixel_scatter / n[:, :, None] - mean[:, :, None] * mean[:, None, :]
-        p = mean.shape[1]
-        scale = np.trace(cov, axis1=1, axis2=2) / p + 1e-8
-        eye = np.eye(p)[None]
-        return mean, (1 - shrink) * cov + shrink * scale[:, None, None] * eye
+        return mean, shrink_to_identity(cov, shrink, floor=1e-8)
 
     def _layer_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         if self.layer_sums is None:
@@ -428,12 +425,20 @@ def pooled_within(stats: Sequence[RouteStats]) -> tuple[np.ndarray, float]:
     return scatter, max(dof, 1.0)
 
 
-def shrunk_covariance(stats: Sequence[RouteStats], shrink: float = 0.1) -> np.ndarray:
+def shrink_to_identity(cov: np.ndarray, shrink: float, floor: float = 0.0) -> np.ndarray:
+    """``(1 - shrink) cov + shrink (trace/d + floor) I`` for one covariance (d, d) or a
+    stack (..., d, d): what few samples leave of a full covariance stays invertible."""
+    d = cov.shape[-1]
+    scale = np.trace(cov, axis1=-2, axis2=-1)[..., None, None] / d + floor
+    return (1 - shrink) * cov + shrink * scale * np.eye(d)
+
+
+def shrunk_covariance(
+    stats: Sequence[RouteStats], shrink: float = 0.1, floor: float = 0.0
+) -> np.ndarray:
     """Shared covariance of the pooled feature over skills, shrunk towards (trace/d) I."""
     scatter, dof = pooled_within(stats)
-    cov = scatter / dof
-    d = cov.shape[0]
-    return (1 - shrink) * cov + shrink * (np.trace(cov) / d) * np.eye(d)
+    return shrink_to_identity(scatter / dof, shrink, floor)
 
 
 __all__ = [
@@ -451,6 +456,7 @@ __all__ = [
     "route_features",
     "sets_from_arrays",
     "sets_to_arrays",
+    "shrink_to_identity",
     "shrunk_covariance",
     "stats_from_features",
     "stats_vectors",

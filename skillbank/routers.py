@@ -34,7 +34,7 @@ from .route_stats import (
     MissingStats,
     RouteStats,
     default_layers,
-    pooled_within,
+    shrunk_covariance,
 )
 
 Ranked = tuple[list[list[str]], list[list[float]]]  # per row: refs and scores, best first
@@ -192,11 +192,7 @@ class MahalanobisRouter(BaseRouter):
         if not stats:
             self._precision = None
             return
-        scatter, dof = pooled_within(stats)
-        cov = scatter / dof
-        d = cov.shape[0]
-        cov = (1 - self.shrink) * cov + self.shrink * (np.trace(cov) / d + 1e-12) * np.eye(d)
-        self._precision = np.linalg.inv(cov)
+        self._precision = np.linalg.inv(shrunk_covariance(stats, self.shrink, floor=1e-12))
 
     def class_distances(self, pooled: torch.Tensor, skills: list[str]) -> np.ndarray:
         """(rows, skills, most classes of one skill): squared Mahalanobis distance to each
