@@ -474,8 +474,7 @@ def stats_rebuild(
         shape = dict(in_chans=x.shape[1], img_size=tuple(x.shape[2:])) if x.ndim == 4 else {}
         model = create_backbone(backbone, num_classes=num_classes, weights=weights, **shape)
         model.eval()
-        paths = sorted(skill.fingerprint.modules)
-        diff = skill.fingerprint.first_difference(sb.fingerprint(model, paths), strict=False)
+        diff = skill.base_difference(model, strict=False)
         if diff:
             raise fail(f"{ref} was not trained on this {backbone}: {diff}")
         stats = sb.compute_stats(model, x, y, head=head)

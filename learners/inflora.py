@@ -112,8 +112,7 @@ def memory_from_skills(model: nn.Module, skills: list[sb.Skill]) -> dict[str, to
         held = {k[len(MEMORY) :]: t for k, t in skill.extras.items() if k.startswith(MEMORY)}
         if not held:
             continue
-        modules = list(skill.fingerprint.modules)
-        diff = skill.fingerprint.first_difference(sb.fingerprint(model, modules), False)
+        diff = skill.base_difference(model, strict=False)
         if diff:
             raise BaseMismatch(
                 f"skill {skill.name!r} carries an InfLoRA memory of another base model "

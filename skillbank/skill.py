@@ -109,6 +109,18 @@ class Skill:
         a, b = self.factors[site]
         return self.scales[site] * (b.float() @ a.float())
 
+    def base_difference(self, model: nn.Module, strict: bool = True) -> str | None:
+        """Where ``model`` differs from the base this skill was trained on, or None.
+
+        ``strict`` also compares dtypes and, when the skill recorded them, weight
+        hashes; ``strict=False`` compares module kinds and shapes only.
+        """
+        modules = self.fingerprint.modules
+        hashed = strict and any(s.sha256 for s in modules.values())
+        return self.fingerprint.first_difference(
+            fingerprint(model, list(modules), hash_weights=hashed), strict
+        )
+
     # ------------------------------------------------------- from a model
     @classmethod
     def from_model(
@@ -356,11 +368,7 @@ def attach(
         The adapter's name.
     """
     name = name or skill.name
-    modules = skill.fingerprint.modules
-    hashed = any(s.sha256 for s in modules.values())
-    diff = skill.fingerprint.first_difference(
-        fingerprint(model, list(modules), hash_weights=hashed and strict), strict
-    )
+    diff = skill.base_difference(model, strict)
     if diff:
         raise BaseMismatch(f"cannot attach skill {skill.name!r}: base model differs at {diff}")
     skill.check_shapes()
