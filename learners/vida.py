@@ -32,9 +32,9 @@ Note on step 3: student and teacher start equal and see the same batch, so the
 loss's gradient (student softmax minus teacher softmax) is zero until they
 differ, and they differ only by what the EMA lags behind (and by rounding, which
 Adam's normalised step turns into small moves in no useful direction); the
-official code has the same property. Measured here, ViDA's gain over its source stage is the
-test-batch normalisation (BN-adapt's), not the update (README, test-time
-adaptation).
+official code has the same property. Measured here, ViDA's gain over its source
+stage is the test-batch normalisation (BN-adapt's), not the update (README,
+test-time adaptation).
 
 Lifelong record: ``domain_skill`` snapshots the teacher's two adapters as one
 skill (low and high rank side by side: rank r_l + r_h, usable as a plain LoRA

@@ -149,11 +149,16 @@ def gaussian(mean, scale, n: int, seed: int) -> torch.Tensor:
 
 
 def skill_of(
-    model: nn.Module, name: str, head_scale: float = 1.0, classes=(0, 1, 2, 3)
+    model: nn.Module,
+    name: str,
+    head_scale: float = 1.0,
+    classes=(0, 1, 2, 3),
+    target: str = "patch_embed",
 ) -> sb.Skill:
-    """A rank-2 skill on Tiny's patch_embed whose head is scaled by ``head_scale``."""
+    """A rank-2 skill on ``target`` (Tiny's patch_embed; TinyImage's body) whose head is
+    scaled by ``head_scale``."""
     m = copy.deepcopy(model)
-    sb.add_adapter(m, name, sb.LoRAConfig(rank=2, targets=["patch_embed"], head="head"))
+    sb.add_adapter(m, name, sb.LoRAConfig(rank=2, targets=[target], head="head"))
     with torch.no_grad():
         m.head.weight.mul_(head_scale)
     return sb.Skill.from_model(m, name, metadata={"classes": list(classes)})

@@ -1,6 +1,5 @@
 """Routing statistics: combination, round trip through the bank, migration, bad input."""
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -71,9 +70,8 @@ def test_pixel_statistics_combine_and_round_trip(catalog_url, tmp_path):
     np.testing.assert_allclose(mean[1], flat[y == 1].mean(0), atol=1e-9)
     np.testing.assert_allclose(cov[1], np.cov(flat[y == 1].T, bias=True), atol=1e-9)
     with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
-        m = copy.deepcopy(model)
-        sb.add_adapter(m, "a", sb.LoRAConfig(rank=2, targets=["body"], head="head"))
-        ref = str(bank.add("a", sb.Skill.from_model(m, "a"), stats=whole, embed_text=False))
+        skill = skill_of(model, "a", target="body")
+        ref = str(bank.add("a", skill, stats=whole, embed_text=False))
     with sb.SkillBank.open(catalog_url, blobs=tmp_path / "blobs") as bank:
         back = bank.route_stats([ref])[ref]
     np.testing.assert_array_equal(back.pixel_scatter, whole.pixel_scatter)

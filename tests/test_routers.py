@@ -1,6 +1,5 @@
 """Routers on synthetic Gaussians whose right answer is known, plus re-ranking and bad input."""
 
-import copy
 import dataclasses
 
 import numpy as np
@@ -165,9 +164,7 @@ def test_pixel_covariance_tells_domains_apart_that_differ_only_in_correlation(tm
                 assert stats.layers == ("input",) and stats.pixel_scatter.shape == (1, 49, 49)
                 if not pixels:  # as statistics stored before pixel moments existed
                     stats = dataclasses.replace(stats, pixel_sums=None, pixel_scatter=None)
-                m = copy.deepcopy(model)
-                sb.add_adapter(m, name, sb.LoRAConfig(rank=2, targets=["body"], head="head"))
-                skill = sb.Skill.from_model(m, name, metadata={"classes": [0, 1]})
+                skill = skill_of(model, name, classes=(0, 1), target="body")
                 refs.append(str(bank.add(name, skill, stats=stats, embed_text=False)))
             for router in ("stats", "fused"):
                 scores[pixels, router] = accuracy(model, bank, test, refs, router=router)
@@ -186,9 +183,7 @@ def test_pixel_features_of_another_size_are_refused(tmp_path):
     model = TinyImage().eval()
     with sb.SkillBank.open(tmp_path / "bank") as bank:
         stats = sb.compute_stats(model, corner_images(1, 50, 0), torch.zeros(50), head="head")
-        m = copy.deepcopy(model)
-        sb.add_adapter(m, "a", sb.LoRAConfig(rank=2, targets=["body"], head="head"))
-        bank.add("a", sb.Skill.from_model(m, "a"), stats=stats, embed_text=False)
+        bank.add("a", skill_of(model, "a", target="body"), stats=stats, embed_text=False)
         router = make_router("stats", bank)
         router._fresh_stats()
         with pytest.raises(sb.InvalidEmbedding, match="pixel features are 36-d"):
